@@ -1,0 +1,362 @@
+"""KV cache policies: where keys and values live, and attention over them.
+
+All policies share one interface, `cache(layer, q, k, v) -> out` with q [B, n_head, T, D] and
+k/v [B, n_kv_head, T, D] for the T new tokens: the cache stores the new K/V and returns attention of
+q over everything stored so far (causal, the query block aligned to the end of the keys).
+
+- StandardCache:    everything on the device (the reference, and the fastest when it fits).
+- HeadOffloadCache: HeadInfer (arXiv 2502.12574, Sec. 4). The cache of each (layer, KV head) slot
+                    lives in pinned CPU memory and streams to the GPU one head group at a time through
+                    two ping-pong buffers, the next group's copy overlapping the current group's
+                    attention. Slots that fit the GPU budget stay resident and are never copied.
+- LayerOffloadCache: the paper's layer-wise offload baseline: the same engine with one group per layer.
+
+The cache owns its position: it advances by T once the last layer has attended.
+"""
+import os
+import weakref
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+from model import ModelArgs
+
+POLICIES = ("none", "layer", "head")
+GiB = 1 << 30
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal SDPA of q [B, Hq, T, D] over k/v [B, Hk, S, D], the T queries being the last T keys."""
+    B, Hq, T, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    if T == 1:
+        # Decode: one query attends to every key, so no mask is needed, and the query heads that
+        # share a KV head can ride in the sequence dimension (GQA without repeating K/V).
+        out = F.scaled_dot_product_attention(q.reshape(B, Hk, Hq // Hk, D), k, v)
+        return out.reshape(B, Hq, 1, D)
+    # Chunked prefill: causal mask aligned bottom-right; the top-left default would let chunk i
+    # see only the first tokens of the context.
+    mask = causal_lower_right(T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hk)
+
+
+class KVCache:
+    """Shared plumbing: position bookkeeping and the opaque op that torch.compile sees."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+        self.args, self.batch, self.max_len = args, batch, max_len
+        self.device, self.dtype = torch.device(device), dtype
+        self.rep = args.n_head // args.n_kv_head
+        self.length = 0  # tokens stored so far
+        self.handle = _register(self)
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            # Opaque to the compiler: streams, events and host-side bookkeeping stay in eager mode,
+            # the rest of the decode step compiles into one graph.
+            return torch.ops.headinfer.attend(q, k, v, self.handle, layer)
+        return self._attend_and_advance(layer, q, k, v)
+
+    def _attend_and_advance(self, layer, q, k, v):
+        T = q.shape[2]
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {T} tokens > max_len {self.max_len}")
+        out = self.attend(layer, q, k, v)
+        if layer == self.args.n_layer - 1:
+            self.length += T
+        return out
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class StandardCache(KVCache):
+    """All K/V preallocated on the device: [layer][B, max_len, n_kv, D], token-major like the offload store."""
+
+    def __init__(self, args, batch, max_len, device, dtype):
+        super().__init__(args, batch, max_len, device, dtype)
+        shape = (args.n_layer, batch, max_len, args.n_kv_head, args.head_dim)
+        # empty, not zeros: only the prefix written so far is ever read.
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.kv_bytes_gpu = 2 * self.k.nbytes if self.device.type == "cuda" else 0
+        self.kv_bytes_cpu = 0 if self.device.type == "cuda" else 2 * self.k.nbytes
+
+    def attend(self, layer, q, k, v):
+        start, end = self.length, self.length + q.shape[2]
+        self.k[layer, :, start:end] = k.transpose(1, 2)
+        self.v[layer, :, start:end] = v.transpose(1, 2)
+        return attention(q, self.k[layer, :, :end].transpose(1, 2), self.v[layer, :, :end].transpose(1, 2))
+
+
+class HeadOffloadCache(KVCache):
+    """Head-wise offload (HeadInfer) with resident slots, ping-pong buffers and prefetch.
+
+    Layer l keeps its first `resident[l]` KV heads on the GPU; its other heads are split into groups
+    of `group_size` and stored in CPU memory (pinned when CUDA is used), each group token-major
+    [B, max_len, g, D] so that the prefix of S tokens is one contiguous copy. Streamed groups run
+    in a fixed order (layer by layer); the copy of group i+1 is in flight while group i computes,
+    and the last group of a step prefetches the first group of the next step.
+    """
+
+    def __init__(self, args, batch, max_len, device, dtype, group_size: int, resident):
+        super().__init__(args, batch, max_len, device, dtype)
+        n_kv, D = args.n_kv_head, args.head_dim
+        if isinstance(resident, int):
+            resident = spread_resident(resident, args.n_layer, n_kv)
+        if not 1 <= group_size <= n_kv or len(resident) != args.n_layer or not all(0 <= r <= n_kv for r in resident):
+            raise ValueError(f"bad head grouping: group_size={group_size}, resident={resident}")
+        self.group_size, self.resident = group_size, list(resident)
+        cuda = self.device.type == "cuda"
+        # Resident slots: one device tensor per layer holding that layer's first resident[l] heads.
+        self.res_k = [torch.empty(batch, max_len, r, D, device=device, dtype=dtype) for r in resident]
+        self.res_v = [torch.empty(batch, max_len, r, D, device=device, dtype=dtype) for r in resident]
+        # Streamed slots: the unit of transfer is (layer, head range); pinned so copies are async DMA.
+        self.units = [(l, h, min(h + group_size, n_kv))
+                      for l in range(args.n_layer) for h in range(resident[l], n_kv, group_size)]
+        store = lambda h0, h1: torch.empty(batch, max_len, h1 - h0, D, dtype=dtype, pin_memory=cuda)
+        self.store_k = [store(h0, h1) for _, h0, h1 in self.units]
+        self.store_v = [store(h0, h1) for _, h0, h1 in self.units]
+        self.units_of_layer = [[i for i, u in enumerate(self.units) if u[0] == l] for l in range(args.n_layer)]
+        # Ping-pong buffers, flat so a smaller last group can view them with its own head count.
+        n_buf = 2 if self.units else 0
+        buf_numel = batch * max_len * group_size * D
+        self.buf_k = [torch.empty(buf_numel, device=device, dtype=dtype) for _ in range(n_buf)]
+        self.buf_v = [torch.empty(buf_numel, device=device, dtype=dtype) for _ in range(n_buf)]
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.copied = [_event(cuda) for _ in range(n_buf)]    # H2D of the buffer's unit done
+        self.consumed = [_event(cuda) for _ in range(n_buf)]  # attention over the buffer done
+        self.tick = 0            # streamed units processed so far; buffer = tick % 2
+        self.in_flight = None    # (tick, unit, prefix length) whose H2D copy is enqueued
+        res_bytes = sum(t.nbytes for t in self.res_k + self.res_v)
+        buf_bytes = sum(t.nbytes for t in self.buf_k + self.buf_v)
+        store_bytes = sum(t.nbytes for t in self.store_k + self.store_v)
+        self.kv_bytes_gpu = res_bytes + buf_bytes if cuda else 0
+        self.kv_bytes_cpu = store_bytes + (0 if cuda else res_bytes + buf_bytes)
+
+    def _view(self, flat: Tensor, unit: int, length: int) -> Tensor:
+        _, h0, h1 = self.units[unit]
+        return flat[: self.batch * self.max_len * (h1 - h0) * self.args.head_dim].view(
+            self.batch, self.max_len, h1 - h0, self.args.head_dim)[:, :length]
+
+    def _prefetch(self, tick: int, unit: int, length: int):
+        """Enqueue the H2D copy of `unit`'s first `length` tokens into buffer tick % 2."""
+        b = tick % 2
+        with _on(self.copy_stream):
+            if self.copy_stream is not None:
+                self.copy_stream.wait_event(self.consumed[b])  # the buffer's previous reader is done
+            if length:
+                for buf, store in ((self.buf_k[b], self.store_k[unit]), (self.buf_v[b], self.store_v[unit])):
+                    dst = self._view(buf, unit, length)
+                    for i in range(self.batch):  # per batch row: each is one contiguous memcpy
+                        dst[i].copy_(store[i, :length], non_blocking=True)
+            _record(self.copied[b], self.copy_stream)
+        self.in_flight = (tick, unit, length)
+
+    def attend(self, layer, q, k, v):
+        start, end = self.length, self.length + q.shape[2]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, T, n_kv, D], token-major like the stores
+        outs = []
+        r = self.resident[layer]
+        if r:
+            self.res_k[layer][:, start:end] = k[:, :, :r]
+            self.res_v[layer][:, start:end] = v[:, :, :r]
+            outs.append(attention(q[:, : r * self.rep], self.res_k[layer][:, :end].transpose(1, 2),
+                                  self.res_v[layer][:, :end].transpose(1, 2)))
+        for unit in self.units_of_layer[layer]:
+            _, h0, h1 = self.units[unit]
+            b = self.tick % 2
+            if self.in_flight != (self.tick, unit, start):
+                self._prefetch(self.tick, unit, start)
+            last = unit + 1 == len(self.units)
+            if not last:  # keep the pipeline one unit ahead: this copy overlaps the attention below
+                self._prefetch(self.tick + 1, unit + 1, start)
+            _wait(self.copied[b])
+            buf_k, buf_v = self._view(self.buf_k[b], unit, end), self._view(self.buf_v[b], unit, end)
+            buf_k[:, start:end] = k[:, :, h0:h1]
+            buf_v[:, start:end] = v[:, :, h0:h1]
+            outs.append(attention(q[:, h0 * self.rep: h1 * self.rep], buf_k.transpose(1, 2), buf_v.transpose(1, 2)))
+            _record(self.consumed[b])
+            # Only the new tokens go back to the CPU store, copied from the buffer (not from the
+            # short-lived k/v, whose memory the allocator could hand out again meanwhile).
+            with _on(self.copy_stream):
+                if self.copy_stream is not None:
+                    self.copy_stream.wait_event(self.consumed[b])
+                for i in range(self.batch):
+                    self.store_k[unit][i, start:end].copy_(buf_k[i, start:end], non_blocking=True)
+                    self.store_v[unit][i, start:end].copy_(buf_v[i, start:end], non_blocking=True)
+                _record(self.consumed[b], self.copy_stream)
+            if last:  # the next step's first unit, after this step's new rows are in its store
+                self._prefetch(self.tick + 1, 0, end)
+            self.tick += 1
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+class LayerOffloadCache(HeadOffloadCache):
+    """The layer-wise offload baseline: each layer's whole KV is one streamed unit, nothing resident."""
+
+    def __init__(self, args, batch, max_len, device, dtype):
+        super().__init__(args, batch, max_len, device, dtype, group_size=args.n_kv_head, resident=0)
+
+
+def spread_resident(n_resident: int, n_layer: int, n_kv: int) -> list[int]:
+    """Spread resident slots evenly over layers so that every layer streams about the same bytes."""
+    n_resident = max(0, min(n_resident, n_layer * n_kv))
+    return [n_resident // n_layer + (l < n_resident % n_layer) for l in range(n_layer)]
+
+
+# --- streams and events that degrade to no-ops on CPU -------------------------------------------
+
+class _NullContext:
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else _NullContext()
+
+
+def _event(cuda: bool):
+    return torch.cuda.Event() if cuda else None
+
+
+def _record(event, stream=None):
+    if event is not None:
+        event.record(stream)
+
+
+def _wait(event):
+    """Make the current (compute) stream wait for the event: a device-side wait, not a host sync."""
+    if event is not None:
+        torch.cuda.current_stream().wait_event(event)
+
+
+# --- the opaque op seen by torch.compile ---------------------------------------------------------
+# A custom op takes tensors and plain values, not Python objects, so caches are looked up by a small
+# integer handle. The registry holds them weakly and a freed handle is reused, so the next
+# generate() call's cache gets the same handle and the compiled decode step does not recompile.
+_CACHES: "weakref.WeakValueDictionary[int, KVCache]" = weakref.WeakValueDictionary()
+
+
+def _register(cache: KVCache) -> int:
+    handle = next(i for i in range(len(_CACHES) + 1) if i not in _CACHES)
+    _CACHES[handle] = cache
+    return handle
+
+
+@torch.library.custom_op("headinfer::attend", mutates_args=())
+def _attend_op(q: Tensor, k: Tensor, v: Tensor, handle: int, layer: int) -> Tensor:
+    return _CACHES[handle]._attend_and_advance(layer, q, k, v).contiguous()
+
+
+@_attend_op.register_fake
+def _(q, k, v, handle, layer):
+    return q.new_empty(q.shape)
+
+
+# --- the memory planner --------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    policy: str
+    max_len: int
+    kv_bytes_total: int       # the whole cache at max_len
+    kv_bytes_gpu: int         # resident slots + ping-pong buffers (everything for `none`)
+    kv_bytes_cpu: int         # the CPU store (pinned when CUDA is used)
+    group_size: int
+    resident_slots: int       # of n_layer * n_kv_head
+    total_slots: int
+    buffer_bytes: int
+
+    def as_dict(self):
+        return asdict(self)
+
+    def describe(self) -> str:
+        g = lambda n: f"{n / GiB:.2f} GiB"
+        if self.policy == "none":
+            return f"plan: standard cache, {g(self.kv_bytes_gpu)} of KV on the device for {self.max_len} tokens"
+        return (f"plan: {self.policy} offload, {self.max_len} tokens: KV {g(self.kv_bytes_total)} total, "
+                f"{g(self.kv_bytes_cpu)} in CPU RAM, {g(self.kv_bytes_gpu)} on the device "
+                f"({self.resident_slots}/{self.total_slots} head slots resident, groups of {self.group_size} "
+                f"KV heads, buffers {g(self.buffer_bytes)})")
+
+
+class PlanError(ValueError):
+    """The run cannot fit; the message says what was asked, what is available and what would fit."""
+
+
+def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, batch: int = 1,
+                gpu_budget: int | None = None, host_available: int | None = None,
+                group_size: int | None = None, resident: int | None = None) -> Plan:
+    """Decide where the KV cache goes, before anything is allocated.
+
+    gpu_budget: bytes of KV the device may hold (resident slots + ping-pong buffers); None is
+    unlimited. host_available bounds the CPU store. group_size / resident override the choices below.
+    Adaptive grouping (paper Sec. 4.3): the largest group whose two ping-pong buffers take at most a
+    quarter of the budget, so short contexts stream whole layers and the longest single heads; the
+    rest of the budget keeps (layer, head) slots resident, and those need no transfer at all.
+    """
+    if policy not in POLICIES:
+        raise PlanError(f"unknown offload policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    n_kv, slots = args.n_kv_head, args.n_layer * args.n_kv_head
+    token_bytes = 2 * batch * args.head_dim * dtype.itemsize  # K and V of one head for one token
+    slot_bytes = max_len * token_bytes                          # one (layer, head) slot
+    total = slots * slot_bytes
+    budget = float("inf") if gpu_budget is None else gpu_budget
+    gib = lambda n: f"{n / GiB:.2f} GiB"
+
+    if policy == "none":
+        if total > budget:
+            raise PlanError(f"the standard cache needs {gib(total)} of KV on the device for {max_len} tokens "
+                            f"but the budget is {gib(budget)}; use --offload head")
+        return Plan(policy, max_len, total, total, 0, n_kv, slots, slots, 0)
+
+    if policy == "layer":
+        size, resident = n_kv, 0
+    elif resident is None and group_size is None and total <= budget:
+        size, resident = n_kv, slots  # everything fits: nothing to stream
+    else:
+        fits = [d for d in range(1, n_kv + 1) if 2 * d * slot_bytes <= budget / 4]
+        size = group_size or max(fits or [1])
+    buffers = 2 * size * slot_bytes if resident != slots else 0
+    if buffers > budget:
+        fit = int(budget // (2 * size * token_bytes))
+        raise PlanError(f"a GPU KV budget of {gib(budget)} cannot hold the two buffers of a {size}-head group "
+                        f"({gib(buffers)} at {max_len} tokens); a budget of {gib(buffers)} or a context of "
+                        f"at most {fit} tokens would fit")
+    if resident is None:
+        resident = slots if budget == float("inf") else min(slots, int((budget - buffers) // slot_bytes))
+    if resident == slots:
+        buffers = 0
+    cpu = (slots - resident) * slot_bytes
+    if host_available is not None and cpu > host_available:
+        fit = int(host_available // ((slots - resident) * token_bytes))
+        raise PlanError(f"the KV store needs {gib(cpu)} of host RAM for {max_len} tokens but {gib(host_available)} "
+                        f"is available; at most about {fit} tokens would fit")
+    return Plan(policy, max_len, total, resident * slot_bytes + buffers, cpu, size, resident, slots, buffers)
+
+
+def make_cache(plan: Plan, args: ModelArgs, device, dtype, batch: int = 1) -> KVCache:
+    if plan.policy == "none":
+        return StandardCache(args, batch, plan.max_len, device, dtype)
+    if plan.policy == "layer":
+        return LayerOffloadCache(args, batch, plan.max_len, device, dtype)
+    return HeadOffloadCache(args, batch, plan.max_len, device, dtype, plan.group_size, plan.resident_slots)
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what the OS can give without swapping); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
