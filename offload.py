@@ -127,6 +127,9 @@ class HeadOffloadCache(KVCache):
         self.buf_k = [torch.empty(buf_numel, device=device, dtype=dtype) for _ in range(n_buf)]
         self.buf_v = [torch.empty(buf_numel, device=device, dtype=dtype) for _ in range(n_buf)]
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        for t in self.buf_k + self.buf_v:  # also used on the copy stream: free only once its copies are done
+            if cuda:
+                t.record_stream(self.copy_stream)
         self.copied = [_event(cuda) for _ in range(n_buf)]    # H2D of the buffer's unit done
         self.consumed = [_event(cuda) for _ in range(n_buf)]  # attention over the buffer done
         self.tick = 0            # streamed units processed so far; buffer = tick % 2
