@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from model import ModelArgs, Transformer, rope_inv_freq
-from offload import POLICIES, GiB, PlanError, host_available_bytes, make_cache, plan_memory
+from offload import POLICIES, GiB, PlanError, fmt_bytes, host_available_bytes, make_cache, plan_memory
 from tokenizer import load_tokenizer
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -154,49 +154,77 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     max_new_tokens = min(max_new_tokens, args.max_seq_len - len(prompt_ids))
 
     plan = plan_kv(args, len(prompt_ids) + max_new_tokens, dtype, device, offload, gpu_kv_budget)
-    cache = make_cache(plan, args, device, dtype)
+    if progress:
+        print(plan.describe(), file=sys.stderr)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     step = compiled_decode_step() if compile else decode_step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    new_ids, phase, cache = [], "allocation", None
+    t0 = t1 = time.perf_counter()
+    prefill_s = decode_s = None
+    try:
+        cache = allocate_cache(plan, args, device, dtype)
+        phase = "prefill"
+        tokens = torch.tensor([prompt_ids], device=device)
+        starts = range(0, len(prompt_ids), chunk)
+        if progress and len(starts) > 1:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="prefill", unit="chunk", file=sys.stderr)
+        for s in starts:
+            e = min(s + chunk, len(prompt_ids))
+            logits = model(tokens[:, s:e], torch.arange(s, e, device=device), cache, last_only=True)[:, -1]
+        token = sample(logits, temperature, top_k, generator)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    tokens = torch.tensor([prompt_ids], device=device)
-    starts = range(0, len(prompt_ids), chunk)
-    if progress and len(starts) > 1:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="prefill", unit="chunk", file=sys.stderr)
-    for s in starts:
-        e = min(s + chunk, len(prompt_ids))
-        logits = model(tokens[:, s:e], torch.arange(s, e, device=device), cache, last_only=True)[:, -1]
-    token = sample(logits, temperature, top_k, generator)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
-
-    # Decode, reading each token on the host one step late: the next step is already queued on the
-    # GPU while the host waits for this token, so the device never idles on the host.
-    new_ids, input_pos = [], torch.tensor([len(prompt_ids)], device=device)
-    t1 = time.perf_counter()
-    for i in range(max_new_tokens):
-        current = token
-        if i + 1 < max_new_tokens:
-            token = sample(step(model, current, input_pos, cache), temperature, top_k, generator)
-            input_pos += 1
-        new_ids.append(int(current.item()))
-        if on_token is not None:
-            on_token(new_ids[-1])
-        if new_ids[-1] in stop_ids:
-            break
-    _sync(device)
-    decode_s = time.perf_counter() - t1
-
-    if stats is not None:
-        stats.update(
-            prompt_tokens=len(prompt_ids), prefill_s=prefill_s,
-            decode_tok_s=(len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s > 0 else None,
-            peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            kv_bytes_gpu=cache.kv_bytes_gpu, kv_bytes_cpu=cache.kv_bytes_cpu, offload=offload, plan=plan.as_dict())
+        # Decode, reading each token on the host one step late: the next step is already queued on
+        # the GPU while the host waits for this token, so the device never idles on the host.
+        phase, t1 = "decode", time.perf_counter()
+        input_pos = torch.tensor([len(prompt_ids)], device=device)
+        for i in range(max_new_tokens):
+            current = token
+            if i + 1 < max_new_tokens:
+                token = sample(step(model, current, input_pos, cache), temperature, top_k, generator)
+                input_pos += 1
+            new_ids.append(int(current.item()))
+            if on_token is not None:
+                on_token(new_ids[-1])
+            if new_ids[-1] in stop_ids:
+                break
+        _sync(device)
+        decode_s = time.perf_counter() - t1
+        phase = "done"
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError(f"out of GPU memory during {phase} ({plan.describe()}); try a smaller --prefill-chunk "
+                         f"(now {chunk}) or --gpu-kv-budget") from None
+    finally:
+        # Stats so far, also when interrupted (Ctrl-C) or out of memory: the CLI reports them.
+        if stats is not None:
+            if phase == "decode":
+                decode_s = time.perf_counter() - t1
+            stats.update(
+                prompt_tokens=len(prompt_ids), prefill_s=prefill_s,
+                decode_tok_s=(len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s else None,
+                peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                kv_bytes_gpu=plan.kv_bytes_gpu if device.type == "cuda" else 0,
+                kv_bytes_cpu=plan.kv_bytes_cpu + (0 if device.type == "cuda" else plan.kv_bytes_gpu), offload=offload,
+                plan=plan.as_dict(), interrupted=phase != "done")
+        cache = None  # drop the cache (and its pinned store) even while a traceback holds this frame
     return new_ids
+
+
+def allocate_cache(plan, args, device, dtype):
+    try:
+        return make_cache(plan, args, device, dtype)
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError(f"out of GPU memory allocating the KV cache ({plan.describe()}); "
+                         f"try a smaller --gpu-kv-budget") from None
+    except RuntimeError as e:  # cudaHostAlloc failing: pinned memory is a hard limit, never swapped
+        if "pin" not in str(e).lower() and "host" not in str(e).lower():
+            raise
+        raise UsageError(f"could not pin {fmt_bytes(plan.kv_bytes_cpu)} of host memory for the KV store "
+                         f"({e}); try a shorter context") from None
 
 
 def plan_kv(args: ModelArgs, max_len: int, dtype, device, offload: str, gpu_kv_budget: float | None):
@@ -210,11 +238,19 @@ def plan_kv(args: ModelArgs, max_len: int, dtype, device, offload: str, gpu_kv_b
         budget = max(0, free - activation_reserve(args, dtype))
     elif device.type != "cuda" and budget is None and offload == "head":
         overrides = dict(group_size=1, resident=0)  # on CPU, show the method itself: stream every head
-    host = host_available_bytes() if device.type == "cuda" else None
+    host = host_available_bytes()
     try:
-        return plan_memory(args, max_len, dtype, offload, gpu_budget=budget, host_available=host, **overrides)
+        plan = plan_memory(args, max_len, dtype, offload, gpu_budget=budget,
+                           host_available=host if device.type == "cuda" else None, **overrides)
     except PlanError as e:
         raise UsageError(str(e)) from None
+    if device.type != "cuda" and host is not None and plan.kv_bytes_gpu + plan.kv_bytes_cpu > host:
+        # Without a GPU every byte of the plan is host memory.
+        per_token = (plan.kv_bytes_gpu + plan.kv_bytes_cpu) / max_len
+        raise UsageError(f"the KV cache needs {fmt_bytes(plan.kv_bytes_gpu + plan.kv_bytes_cpu)} of RAM for "
+                         f"{max_len} tokens but {fmt_bytes(host)} is available; at most about "
+                         f"{int(host // per_token)} tokens would fit")
+    return plan
 
 
 def activation_reserve(args: ModelArgs, dtype, chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
@@ -245,8 +281,14 @@ def non_negative_float(text):
     return value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of this tool (argparse prints usage too)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Exact LLM inference with the KV cache offloaded head by head (HeadInfer).")
+    p = ArgumentParser(description="Exact LLM inference with the KV cache offloaded head by head (HeadInfer).")
     p.add_argument("--checkpoint", type=Path, help="converted checkpoint dir (default: the embedded SmolLM2-135M-Instruct)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r} in chat mode)")
@@ -327,20 +369,32 @@ def main(argv=None):
             printed = text_so_far
 
     stats = {}
-    generate(model, prompt_ids, opts.max_new_tokens, offload=offload, temperature=opts.temperature,
-             top_k=opts.top_k, seed=opts.seed, prefill_chunk=opts.prefill_chunk, gpu_kv_budget=opts.gpu_kv_budget,
-             compile=opts.compile, stop_ids=tokenizer.stop_ids, on_token=stream, stats=stats, progress=True)
+    try:
+        generate(model, prompt_ids, opts.max_new_tokens, offload=offload, temperature=opts.temperature,
+                 top_k=opts.top_k, seed=opts.seed, prefill_chunk=opts.prefill_chunk,
+                 gpu_kv_budget=opts.gpu_kv_budget, compile=opts.compile, stop_ids=tokenizer.stop_ids,
+                 on_token=stream, stats=stats, progress=True)
+    finally:  # also on Ctrl-C: what was generated stays printed, with the stats so far
+        report(opts, tokenizer, new_ids, printed, stats)
+
+
+def report(opts, tokenizer, new_ids, printed, stats):
+    if not stats:  # failed before generation started
+        return
     out_text = tokenizer.decode([t for t in new_ids if t not in tokenizer.stop_ids])
     if not opts.json:
         print(out_text[len(printed):], flush=True)
-    tok_s = stats["decode_tok_s"]
-    print(f"prompt {stats['prompt_tokens']} tokens, prefill {stats['prefill_s']:.2f} s, "
-          f"decode {len(new_ids)} tokens at {tok_s or float('nan'):.1f} tok/s, offload={offload}, "
-          f"KV {stats['kv_bytes_gpu'] / GiB:.3f} GiB on GPU / {stats['kv_bytes_cpu'] / GiB:.3f} GiB on CPU"
-          + (f", peak GPU {stats['peak_gpu_mem_bytes'] / GiB:.2f} GiB" if stats["peak_gpu_mem_bytes"] else ""),
-          file=sys.stderr)
+    if stats["interrupted"]:
+        print("interrupted", file=sys.stderr)
+    gib = fmt_bytes
+    prefill = f"{stats['prefill_s']:.2f} s" if stats["prefill_s"] is not None else "unfinished"
+    tok_s = f"{stats['decode_tok_s']:.1f} tok/s" if stats["decode_tok_s"] else "n/a"
+    peak = f", peak GPU {gib(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
+    print(f"prompt {stats['prompt_tokens']} tokens, prefill {prefill}, {len(new_ids)} new tokens at {tok_s}, "
+          f"offload={stats['offload']}, KV {gib(stats['kv_bytes_gpu'])} on GPU / {gib(stats['kv_bytes_cpu'])} "
+          f"on CPU{peak}", file=sys.stderr)
     if opts.json:
-        print(json.dumps({"text": out_text, "new_tokens": new_ids, **stats}))
+        print(json.dumps({"text": out_text, "new_tokens": new_ids, **stats}), flush=True)
 
 
 def cli():
@@ -349,6 +403,8 @@ def cli():
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the partial text and stats were already reported
 
 
 if __name__ == "__main__":

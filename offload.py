@@ -28,6 +28,13 @@ POLICIES = ("none", "layer", "head")
 GiB = 1 << 30
 
 
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal SDPA of q [B, Hq, T, D] over k/v [B, Hk, S, D], the T queries being the last T keys."""
     B, Hq, T, D = q.shape
@@ -278,7 +285,7 @@ class Plan:
         return asdict(self)
 
     def describe(self) -> str:
-        g = lambda n: f"{n / GiB:.2f} GiB"
+        g = fmt_bytes
         if self.policy == "none":
             return f"plan: standard cache, {g(self.kv_bytes_gpu)} of KV on the device for {self.max_len} tokens"
         return (f"plan: {self.policy} offload, {self.max_len} tokens: KV {g(self.kv_bytes_total)} total, "
@@ -309,7 +316,7 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
     slot_bytes = max_len * token_bytes                          # one (layer, head) slot
     total = slots * slot_bytes
     budget = float("inf") if gpu_budget is None else gpu_budget
-    gib = lambda n: f"{n / GiB:.2f} GiB"
+    gib = fmt_bytes
 
     if policy == "none":
         if total > budget:

@@ -1,0 +1,394 @@
+"""Convert a Hugging Face checkpoint (local dir or hub repo id) or a llama GGUF file into our
+checkpoint dir: config.json (the ModelArgs fields), model.safetensors (our tensor names, q/k rows in
+HF's rotate-half RoPE layout) and the tokenizer files. See CHECKPOINT_FORMAT.md.
+
+    python convert_checkpoint.py meta-llama/Llama-3.1-8B-Instruct --out checkpoints/llama3.1-8b
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+
+class ConversionError(Exception):
+    """A problem the user can fix (bad source, bad flags). Its message is always one line."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
+
+
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # what we dequantize
+DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # torch -> safetensors
+SAFETENSORS_DTYPES = {v: k for k, v in DTYPES.items()}
+
+# Our tensor names -> the source tensors they are made of (q, k, v are fused into wqkv).
+HF_NAMES = {
+    "tok_embeddings.weight": ["model.embed_tokens.weight"],
+    "layers.{}.attention_norm.weight": ["model.layers.{}.input_layernorm.weight"],
+    "layers.{}.attention.wqkv.weight": ["model.layers.{}.self_attn.q_proj.weight",
+                                        "model.layers.{}.self_attn.k_proj.weight",
+                                        "model.layers.{}.self_attn.v_proj.weight"],
+    "layers.{}.attention.wqkv.bias": ["model.layers.{}.self_attn.q_proj.bias",
+                                      "model.layers.{}.self_attn.k_proj.bias",
+                                      "model.layers.{}.self_attn.v_proj.bias"],
+    "layers.{}.attention.wo.weight": ["model.layers.{}.self_attn.o_proj.weight"],
+    "layers.{}.ffn_norm.weight": ["model.layers.{}.post_attention_layernorm.weight"],
+    "layers.{}.feed_forward.w1.weight": ["model.layers.{}.mlp.gate_proj.weight"],
+    "layers.{}.feed_forward.w3.weight": ["model.layers.{}.mlp.up_proj.weight"],
+    "layers.{}.feed_forward.w2.weight": ["model.layers.{}.mlp.down_proj.weight"],
+    "norm.weight": ["model.norm.weight"],
+    "output.weight": ["lm_head.weight"],
+}
+GGUF_NAMES = {
+    "tok_embeddings.weight": ["token_embd.weight"],
+    "layers.{}.attention_norm.weight": ["blk.{}.attn_norm.weight"],
+    "layers.{}.attention.wqkv.weight": ["blk.{}.attn_q.weight", "blk.{}.attn_k.weight", "blk.{}.attn_v.weight"],
+    "layers.{}.attention.wqkv.bias": ["blk.{}.attn_q.bias", "blk.{}.attn_k.bias", "blk.{}.attn_v.bias"],
+    "layers.{}.attention.wo.weight": ["blk.{}.attn_output.weight"],
+    "layers.{}.ffn_norm.weight": ["blk.{}.ffn_norm.weight"],
+    "layers.{}.feed_forward.w1.weight": ["blk.{}.ffn_gate.weight"],
+    "layers.{}.feed_forward.w3.weight": ["blk.{}.ffn_up.weight"],
+    "layers.{}.feed_forward.w2.weight": ["blk.{}.ffn_down.weight"],
+    "norm.weight": ["output_norm.weight"],
+    "output.weight": ["output.weight"],
+}
+
+
+@dataclass
+class Source:
+    config: dict                             # our ModelArgs fields
+    names: dict                              # HF_NAMES or GGUF_NAMES
+    meta: dict                               # source tensor name -> (shape, torch dtype or type name)
+    load: Callable[[str], torch.Tensor]      # source tensor name -> tensor, in our layout
+    ignore: set                              # source tensors we may safely drop
+    write_tokenizer: Callable[[Path], None]  # writes the tokenizer files into a dir
+
+
+# ---------------------------------------------------------------- Hugging Face checkpoints
+
+def hf_config(hf: dict) -> dict:
+    arch = (hf.get("architectures") or ["(none)"])[0]
+    if arch not in HF_ARCHITECTURES:
+        raise ConversionError(f"unsupported architecture {arch} (supported: {', '.join(HF_ARCHITECTURES)})")
+    # transformers < 5 writes rope_theta + rope_scaling; transformers 5 folds both into rope_parameters
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        rope_scaling = None
+    elif rope_type == "llama3":
+        rope_scaling = {"type": "llama3", **{k: rope[k] for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+    else:
+        raise ConversionError(f"unsupported rope scaling type {rope_type!r} (supported: llama3)")
+    window = hf.get("sliding_window")
+    if window and hf.get("use_sliding_window", True) and window < hf["max_position_embeddings"]:
+        print(f"warning: {arch} was trained with a {window}-token sliding window; we attend over the "
+              f"full context, which matches the original only up to {window} tokens", file=sys.stderr)
+    n_head = hf["num_attention_heads"]
+    return {
+        "dim": hf["hidden_size"],
+        "n_layer": hf["num_hidden_layers"],
+        "n_head": n_head,
+        "n_kv_head": hf.get("num_key_value_heads") or n_head,
+        "head_dim": hf.get("head_dim") or hf["hidden_size"] // n_head,
+        "intermediate_size": hf["intermediate_size"],
+        "vocab_size": hf["vocab_size"],
+        "norm_eps": hf["rms_norm_eps"],
+        "rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        "rope_scaling": rope_scaling,
+        "qkv_bias": arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "max_seq_len": hf["max_position_embeddings"],
+    }
+
+
+def open_hf_dir(path: Path) -> Source:
+    if not (path / "config.json").is_file():
+        raise ConversionError(f"{path} has no config.json (expected a Hugging Face model dir)")
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise ConversionError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    try:
+        config = hf_config(hf)
+    except KeyError as e:
+        raise ConversionError(f"{path / 'config.json'} lacks {e}") from None
+
+    meta, loaders = {}, {}
+    shards = sorted(path.glob("model*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            if not (path / shard).is_file():
+                raise ConversionError(f"{path / shard} is missing (listed in {index.name})")
+    if shards:
+        for shard in shards:
+            try:
+                f = safe_open(shard, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+                raise ConversionError(f"{shard} is not a valid safetensors file: {e}") from None
+            for name in f.keys():
+                s = f.get_slice(name)
+                meta[name] = (tuple(s.get_shape()), SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+                loaders[name] = f
+        load = lambda name: loaders[name].get_tensor(name)
+    else:
+        state = {}
+        for shard in sorted(path.glob("pytorch_model*.bin")):
+            try:  # mmap: tensors are read from disk when used, not all at once
+                state.update(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as e:
+                raise ConversionError(f"{shard} is not a loadable PyTorch checkpoint: {e}") from None
+        if not state:
+            raise ConversionError(f"{path} has no model*.safetensors or pytorch_model*.bin weights")
+        meta = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+        load = state.__getitem__
+
+    ignore = {name for name in meta if name.endswith("rotary_emb.inv_freq")}  # old checkpoints saved a buffer
+    if config["tie_word_embeddings"]:
+        ignore.add("lm_head.weight")  # some checkpoints store the tied copy anyway
+
+    def write_tokenizer(out: Path):
+        for name in TOKENIZER_FILES:
+            if (path / name).is_file():
+                shutil.copy(path / name, out / name)
+
+    return Source(config, HF_NAMES, meta, load, ignore, write_tokenizer)
+
+
+def download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    # model*.safetensors, not *.safetensors: Mistral repos also ship consolidated.safetensors (2x download)
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "model*.safetensors", "tokenizer.model"]))
+        if not any(path.glob("model*.safetensors")):
+            path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "pytorch_model*.bin", "tokenizer.model"]))
+    except (OSError, ValueError) as e:  # hub errors (not found, offline, gated, bad id) derive from these
+        raise ConversionError(f"{repo_id} is not a local path, and downloading it from the Hugging Face hub "
+                              f"failed: {str(e).strip().splitlines()[0]}") from None
+    return path
+
+
+# ---------------------------------------------------------------- GGUF files
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """GGUF q/k rows are in the interleaved (Meta) RoPE layout: llama.cpp applied the inverse of the
+    permutation HF's converter applies to Meta weights. Applying HF's permutation restores rotate-half:
+    row 2j+a of a head (pair j, element a) goes to row a*head_dim/2 + j."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def open_gguf(path: Path) -> Source:
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on files that are not GGUF
+        raise ConversionError(f"{path} is not a readable GGUF file: {e}") from None
+
+    def field(key, default=None):
+        if key in reader.fields:
+            return reader.fields[key].contents()
+        if default is None:
+            raise ConversionError(f"{path} lacks metadata {key}")
+        return default
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ConversionError(f"unsupported GGUF architecture {arch} (supported: llama)")
+    scaling = field("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ConversionError(f"unsupported GGUF rope scaling type {scaling!r}")
+
+    tensors = {t.name: t for t in reader.tensors}
+    # 9.999999747378752e-06 -> 1e-05: the float32 metadata value, written as its shortest decimal
+    f32 = lambda x: float(str(np.float32(x)))
+    n_head, dim = field("llama.attention.head_count"), field("llama.embedding_length")
+    n_kv_head = field("llama.attention.head_count_kv", n_head)
+    config = {
+        "dim": dim,
+        "n_layer": field("llama.block_count"),
+        "n_head": n_head,
+        "n_kv_head": n_kv_head,
+        "head_dim": field("llama.attention.key_length", field("llama.rope.dimension_count", dim // n_head)),
+        "intermediate_size": field("llama.feed_forward_length"),
+        "vocab_size": field("llama.vocab_size", 0) or len(field("tokenizer.ggml.tokens")),
+        "norm_eps": f32(field("llama.attention.layer_norm_rms_epsilon")),
+        "rope_base": f32(field("llama.rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "qkv_bias": "blk.0.attn_q.bias" in tensors,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "max_seq_len": field("llama.context_length"),
+    }
+
+    # GGUF lists dims innermost first; dequantized data is [rows, cols] like torch
+    meta = {name: (tuple(int(d) for d in reversed(t.shape)),
+                   torch.float32 if t.tensor_type.name in GGUF_TYPES else t.tensor_type.name)
+            for name, t in tensors.items()}
+
+    def load(name):
+        t = tensors[name]
+        w = torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(meta[name][0])
+        if ".attn_q." in name:
+            w = unpermute(w, n_head)
+        elif ".attn_k." in name:
+            w = unpermute(w, n_kv_head)
+        return w
+
+    def write_tokenizer(out: Path):
+        if "tokenizer.ggml.model" in reader.fields:
+            from tokenizer import tokenizer_files_from_gguf
+            try:
+                tokenizer_files_from_gguf(reader, out)
+            except ValueError as e:  # a tokenizer kind tokenizer.py does not support
+                raise ConversionError(f"{path}: {e}") from None
+
+    return Source(config, GGUF_NAMES, meta, load, set(), write_tokenizer)
+
+
+# ---------------------------------------------------------------- writing our checkpoint
+
+def expected_shapes(c: dict) -> dict:
+    """Our tensor name -> shapes of the source parts it is made of, as the config implies."""
+    d, hd, hidden, vocab = c["dim"], c["head_dim"], c["intermediate_size"], c["vocab_size"]
+    q, kv = c["n_head"] * hd, c["n_kv_head"] * hd
+    shapes = {"tok_embeddings.weight": [(vocab, d)]}
+    for i in range(c["n_layer"]):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = [(d,)]
+        shapes[p + "attention.wqkv.weight"] = [(q, d), (kv, d), (kv, d)]
+        if c["qkv_bias"]:
+            shapes[p + "attention.wqkv.bias"] = [(q,), (kv,), (kv,)]
+        shapes[p + "attention.wo.weight"] = [(d, q)]
+        shapes[p + "ffn_norm.weight"] = [(d,)]
+        shapes[p + "feed_forward.w1.weight"] = [(hidden, d)]
+        shapes[p + "feed_forward.w3.weight"] = [(hidden, d)]
+        shapes[p + "feed_forward.w2.weight"] = [(d, hidden)]
+    shapes["norm.weight"] = [(d,)]
+    if not c["tie_word_embeddings"]:
+        shapes["output.weight"] = [(vocab, d)]
+    return shapes
+
+
+def plan_tensors(src: Source) -> dict:
+    """Our tensor name -> (shape, dtype, source parts). Checks every name, shape and dtype up front,
+    so a bad checkpoint fails in seconds rather than after writing most of it."""
+    plan = {}
+    for name, part_shapes in expected_shapes(src.config).items():
+        layer = re.match(r"layers\.(\d+)\.(.*)", name)
+        templates = src.names["layers.{}." + layer[2]] if layer else src.names[name]
+        parts = [t.format(layer[1]) if layer else t for t in templates]
+        for part, shape in zip(parts, part_shapes):
+            if part not in src.meta:
+                raise ConversionError(f"missing tensor {part}")
+            if src.meta[part][0] != shape:
+                raise ConversionError(f"tensor {part} has shape {list(src.meta[part][0])}, "
+                                      f"but the config implies {list(shape)}")
+            if src.meta[part][1] not in DTYPES:
+                raise ConversionError(f"tensor {part} has unsupported type {src.meta[part][1]}")
+        shape = (sum(s[0] for s in part_shapes), *part_shapes[0][1:])
+        plan[name] = (shape, src.meta[parts[0]][1], parts)
+    used = {part for _, _, parts in plan.values() for part in parts}
+    unknown = sorted(set(src.meta) - used - src.ignore)
+    if unknown:  # e.g. an o_proj bias: dropping it silently would give a different model
+        raise ConversionError(f"tensor {unknown[0]} is not supported by this converter")
+    return plan
+
+
+def write_safetensors(path: Path, plan: dict, load: Callable[[str], torch.Tensor]):
+    """Write model.safetensors one tensor at a time: safetensors.torch.save_file needs every tensor
+    in memory at once, which for a 70B model (or a GGUF dequantized to fp32) is too much."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (shape, dtype, _) in plan.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(header).encode()
+    header += b" " * (-len(header) % 8)  # pad so tensor data starts 8-byte aligned, as safetensors does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for name in tqdm(plan, desc="converting", unit="tensor", disable=None):
+            _, dtype, parts = plan[name]
+            t = torch.cat([load(part).to(dtype) for part in parts]).contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def open_source(src: str) -> Source:
+    path = Path(src)
+    if path.is_file() and path.suffix == ".gguf":
+        return open_gguf(path)
+    if path.is_dir():
+        return open_hf_dir(path)
+    if path.exists():
+        raise ConversionError(f"{src} is neither a model dir nor a .gguf file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", src) and not src.endswith(".gguf"):
+        return open_hf_dir(download(src))
+    raise ConversionError(f"{src} does not exist")
+
+
+def convert(src, out_dir, force: bool = False) -> Path:
+    """Convert src (HF model dir, hub repo id or .gguf file) into the checkpoint dir out_dir."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConversionError(f"{out} exists and is not empty (use --force to replace it)")
+    if Path(src).exists() and out.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
+        raise ConversionError(f"--out {out} would overwrite the source {src}")
+    source = open_source(str(src))
+    plan = plan_tensors(source)
+
+    # Build everything in a temp dir next to out and rename at the end: an interrupted
+    # conversion must never leave a half-written checkpoint that later loads.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # not mkdtemp: that ignores the umask (0700)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / "config.json").write_text(json.dumps(source.config, indent=2) + "\n")
+        source.write_tokenizer(tmp)
+        write_safetensors(tmp / "model.safetensors", plan, source.load)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main():
+    from generate import ArgumentParser  # one-line usage errors, like generate.py
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="Hugging Face model dir, hub repo id (org/name), or llama .gguf file")
+    parser.add_argument("--out", required=True, help="checkpoint dir to create")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args()
+    try:
+        out = convert(args.src, args.out, force=args.force)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
+        sys.exit(130)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Wrong invocations of generate.py and convert_checkpoint.py: non-zero exit, one line on stderr, no traceback."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from generate import default_checkpoint
+from model import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A converted checkpoint with random weights and the default model's tokenizer, max_seq_len 64."""
+    out = tmp_path_factory.mktemp("tiny")
+    args = ModelArgs(dim=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=8, intermediate_size=64,
+                     vocab_size=49152, max_seq_len=64, rope_base=10000.0, tie_word_embeddings=True)
+    args.to_json(out / "config.json")
+    save_file(Transformer(args).state_dict(), out / "model.safetensors")
+    for f in default_checkpoint().glob("tokenizer*"):
+        shutil.copy(f, out)
+    return out
+
+
+def variant(tiny_ckpt, tmp_path, change):
+    """A copy of the tiny checkpoint with one thing broken by `change(dir)`."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, d)
+    change(d)
+    return d
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def edit_config(d, **fields):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **fields}))
+
+
+# (id, argv builder taking (tiny checkpoint, tmp dir), expected words in the message)
+GENERATE_CASES = [
+    ("missing-checkpoint", lambda c, t: ["--checkpoint", str(t / "nope")], "does not exist"),
+    ("empty-dir", lambda c, t: ["--checkpoint", str(t)], "no config.json"),
+    ("no-weights", lambda c, t: ["--checkpoint", str(variant(c, t, lambda d: (d / "model.safetensors").unlink()))],
+     "no model.safetensors"),
+    ("garbage-weights", lambda c, t: ["--checkpoint", str(variant(
+        c, t, lambda d: (d / "model.safetensors").write_bytes(b"not a safetensors file")))], "corrupt"),
+    ("truncated-weights", lambda c, t: ["--checkpoint", str(variant(
+        c, t, lambda d: truncate(d / "model.safetensors")))], "corrupt"),
+    ("config-shape-mismatch", lambda c, t: ["--checkpoint", str(variant(
+        c, t, lambda d: edit_config(d, intermediate_size=80)))], "layers.0.feed_forward.w1.weight"),
+    ("config-not-json", lambda c, t: ["--checkpoint", str(variant(
+        c, t, lambda d: (d / "config.json").write_text("{dim: 3")))], "not a valid config"),
+    ("config-unknown-key", lambda c, t: ["--checkpoint", str(variant(
+        c, t, lambda d: edit_config(d, sliding_window=4096)))], "unknown config keys"),
+    ("config-bad-heads", lambda c, t: ["--checkpoint", str(variant(
+        c, t, lambda d: edit_config(d, n_kv_head=3)))], "not a multiple"),
+    ("no-tokenizer", lambda c, t: ["--checkpoint", str(variant(
+        c, t, lambda d: [f.unlink() for f in d.glob("tokenizer*")]))], "no tokenizer"),
+    ("empty-prompt", lambda c, t: ["--checkpoint", str(c), "--prompt", ""], "prompt is empty"),
+    ("blank-prompt", lambda c, t: ["--checkpoint", str(c), "--prompt", " \n\t"], "prompt is empty"),
+    ("prompt-file-missing", lambda c, t: ["--checkpoint", str(c), "--prompt-file", str(t / "none.txt")],
+     "does not exist"),
+    ("prompt-file-not-utf8", lambda c, t: ["--checkpoint", str(c), "--prompt-file", str(
+        (t / "latin1.txt", (t / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1")))[0])], "not UTF-8"),
+    ("prompt-file-is-dir", lambda c, t: ["--checkpoint", str(c), "--prompt-file", str(t)], "cannot read"),
+    ("prompt-too-long", lambda c, t: ["--checkpoint", str(c), "--prompt", "word " * 100], "max_seq_len"),
+    ("prompt-and-prompt-file", lambda c, t: ["--prompt", "a", "--prompt-file", "b"], "not allowed with"),
+    ("max-new-tokens-zero", lambda c, t: ["--max-new-tokens", "0"], "must be >= 1"),
+    ("max-new-tokens-negative", lambda c, t: ["--max-new-tokens", "-3"], "must be >= 1"),
+    ("max-new-tokens-text", lambda c, t: ["--max-new-tokens", "many"], "expected an integer"),
+    ("max-new-tokens-float", lambda c, t: ["--max-new-tokens", "2.5"], "expected an integer"),
+    ("temperature-negative", lambda c, t: ["--temperature", "-1"], "must be >= 0"),
+    ("temperature-nan", lambda c, t: ["--temperature", "nan"], "must be >= 0"),
+    ("temperature-text", lambda c, t: ["--temperature", "hot"], "expected a number"),
+    ("top-k-zero", lambda c, t: ["--top-k", "0"], "must be >= 1"),
+    ("prefill-chunk-zero", lambda c, t: ["--prefill-chunk", "0"], "must be >= 1"),
+    ("budget-negative", lambda c, t: ["--gpu-kv-budget", "-1"], "must be >= 0"),
+    ("budget-too-small", lambda c, t: ["--checkpoint", str(c), "--offload", "head", "--gpu-kv-budget", "0"],
+     "would fit"),
+    ("kv-exceeds-host-ram", lambda c, t: ["--checkpoint", str(variant(c, t, lambda d: edit_config(
+        d, max_seq_len=10**12))), "--max-new-tokens", str(10**11)], "tokens would fit"),
+    ("seed-text", lambda c, t: ["--seed", "abc"], "invalid int"),
+    ("unknown-dtype", lambda c, t: ["--dtype", "float64"], "invalid choice"),
+    ("unknown-offload", lambda c, t: ["--offload", "disk"], "invalid choice"),
+    ("unknown-flag", lambda c, t: ["--turbo"], "unrecognized arguments"),
+    ("cuda-without-gpu", lambda c, t: ["--device", "cuda"], "CUDA is not available"),
+    ("unknown-device", lambda c, t: ["--device", "tpu9"], "unknown device"),
+]
+
+HF_LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+                   "vocab_size": 100, "max_position_embeddings": 64, "rms_norm_eps": 1e-5}
+
+CONVERT_CASES = [
+    ("src-missing", lambda t: [str(t / "nope"), "--out", str(t / "out")], "does not exist"),
+    ("src-without-weights", lambda t: [str((t / "hf", (t / "hf").mkdir(), (t / "hf" / "config.json").write_text(
+        json.dumps(HF_LLAMA_CONFIG)))[0]), "--out", str(t / "out")], "weights"),
+    ("unsupported-architecture", lambda t: [str((t / "hf", (t / "hf").mkdir(), (t / "hf" / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"]})))[0]), "--out", str(t / "out")], "GPT2LMHeadModel"),
+    ("junk-gguf", lambda t: [str((t / "m.gguf", (t / "m.gguf").write_bytes(b"GGUF junk"))[0]), "--out", str(t / "out")],
+     "gguf"),
+    ("hub-id-offline", lambda t: ["no-such-org/no-such-model", "--out", str(t / "out")], "no-such-org/no-such-model"),
+    ("no-out", lambda t: [str(t)], "--out"),
+]
+
+
+def run(script, argv, **kw):
+    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120, **kw)
+
+
+def assert_one_line_error(r, words):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    assert words.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES, ids=[c[0] for c in GENERATE_CASES])
+def test_generate_bad_input(case, tiny_ckpt, tmp_path):
+    _, argv, words = case
+    r = run("generate.py", argv(tiny_ckpt, tmp_path))
+    assert_one_line_error(r, words)
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("case", CONVERT_CASES, ids=[c[0] for c in CONVERT_CASES])
+def test_convert_bad_input(case, tmp_path):
+    _, argv, words = case
+    r = run("convert_checkpoint.py", argv(tmp_path), env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(r, words)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_tiny_checkpoint_itself_runs(tiny_ckpt):
+    """The fixture is valid, so the failures above come from the one thing each case breaks."""
+    r = run("generate.py", ["--checkpoint", str(tiny_ckpt), "--prompt", "hello", "--max-new-tokens", "3"])
+    assert r.returncode == 0, r.stderr
