@@ -160,7 +160,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     step = compiled_decode_step() if compile else decode_step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    new_ids, phase, cache = [], "allocation", None
+    new_ids, phase, cache, failure = [], "allocation", None, None
     t0 = t1 = time.perf_counter()
     prefill_s = decode_s = None
     try:
@@ -195,9 +195,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
         _sync(device)
         decode_s = time.perf_counter() - t1
         phase = "done"
-    except torch.cuda.OutOfMemoryError:
-        raise UsageError(f"out of GPU memory during {phase} ({plan.describe()}); try a smaller --prefill-chunk "
-                         f"(now {chunk}) or --gpu-kv-budget") from None
+    except (torch.cuda.OutOfMemoryError, KeyboardInterrupt) as e:
+        failure = type(e)  # raised below, once this block has dropped the traceback that holds the cache
     finally:
         # Stats so far, also when interrupted (Ctrl-C) or out of memory: the CLI reports them.
         if stats is not None:
@@ -211,6 +210,11 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
                 kv_bytes_cpu=plan.kv_bytes_cpu + (0 if device.type == "cuda" else plan.kv_bytes_gpu), offload=offload,
                 plan=plan.as_dict(), interrupted=phase != "done")
         cache = None  # drop the cache (and its pinned store) even while a traceback holds this frame
+    if failure is KeyboardInterrupt:
+        raise KeyboardInterrupt
+    if failure is not None:
+        raise UsageError(f"out of GPU memory during {phase} ({plan.describe()}); try a smaller --prefill-chunk "
+                         f"(now {chunk}) or a smaller --gpu-kv-budget")
     return new_ids
 
 
