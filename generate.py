@@ -55,39 +55,55 @@ def load_model(checkpoint_dir=None, device="cpu", dtype=torch.float32):
 
     Returns (model, tokenizer); tokenizer is None when the directory has no tokenizer files.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     ckpt = default_checkpoint() if checkpoint_dir is None else Path(checkpoint_dir)
     if not ckpt.is_dir():
         raise UsageError(f"checkpoint directory {ckpt} does not exist (convert one with convert_checkpoint.py)")
     if not (ckpt / "config.json").is_file():
         raise UsageError(f"{ckpt} has no config.json: not a converted checkpoint (see convert_checkpoint.py)")
-    if not (ckpt / "model.safetensors").is_file():
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
         raise UsageError(f"{ckpt} has no model.safetensors: the checkpoint has no weights")
     try:
         args = ModelArgs.from_json(ckpt / "config.json")
     except (ValueError, TypeError) as e:  # bad JSON, unknown or missing keys
         raise UsageError(f"{ckpt / 'config.json'} is not a valid config: {e}") from None
-    try:
-        state = load_file(ckpt / "model.safetensors", device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"{ckpt / 'model.safetensors'} cannot be read ({e}); the file is corrupt or truncated") from None
 
+    device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(args)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UsageError(f"{ckpt}: weights do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, t in state.items():
-        if t.shape != expected[name].shape:
-            raise UsageError(f"{ckpt}: tensor {name} has shape {list(t.shape)}, config.json implies "
-                             f"{list(expected[name].shape)}")
-    model.load_state_dict({k: t.to(dtype) for k, t in state.items()}, assign=True)
+    check_fits(sum(t.numel() for t in expected.values()) * dtype.itemsize, device, f"the weights in {dtype}")
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+            if missing or unexpected:
+                raise UsageError(f"{ckpt}: weights do not match config.json: missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}")
+            for name in expected:  # in model order, so the first mismatch named is the earliest
+                shape = list(f.get_slice(name).get_shape())
+                if shape != list(expected[name].shape):
+                    raise UsageError(f"{ckpt}: tensor {name} has shape {shape}, config.json implies "
+                                     f"{list(expected[name].shape)}")
+            # One tensor at a time, converted on the way: the device never holds the source dtype.
+            state = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in expected}
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{weights} cannot be read ({e}); the file is corrupt or truncated") from None
+    model.load_state_dict(state, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)  # a non-persistent buffer, still on meta
     return model.eval(), load_tokenizer(ckpt)
+
+
+def check_fits(nbytes: int, device: torch.device, what: str):
+    """Refuse up front, in one line, what the device (or host RAM, for the CPU) cannot hold."""
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"GPU {device}"
+    else:
+        free, where = host_available_bytes(), "host RAM"
+    if free is not None and nbytes > free:
+        raise UsageError(f"{what} need {fmt_bytes(nbytes)} but {where} has {fmt_bytes(free)} available")
 
 
 # --- generation ---------------------------------------------------------------------------------
@@ -153,7 +169,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the model's max_seq_len is {args.max_seq_len}")
     max_new_tokens = min(max_new_tokens, args.max_seq_len - len(prompt_ids))
 
-    plan = plan_kv(args, len(prompt_ids) + max_new_tokens, dtype, device, offload, gpu_kv_budget)
+    plan = plan_kv(args, len(prompt_ids) + max_new_tokens, dtype, device, offload, gpu_kv_budget, chunk)
     if progress:
         print(plan.describe(), file=sys.stderr)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
@@ -231,16 +247,20 @@ def allocate_cache(plan, args, device, dtype):
                          f"({e}); try a shorter context") from None
 
 
-def plan_kv(args: ModelArgs, max_len: int, dtype, device, offload: str, gpu_kv_budget: float | None):
+def plan_kv(args: ModelArgs, max_len: int, dtype, device, offload: str, gpu_kv_budget: float | None,
+            chunk: int = DEFAULT_PREFILL_CHUNK):
     """The cache plan for this run, checked against host RAM and (on CUDA) free GPU memory."""
     if gpu_kv_budget is not None and gpu_kv_budget < 0:
         raise UsageError(f"--gpu-kv-budget must be >= 0 GiB, got {gpu_kv_budget}")
     budget = None if gpu_kv_budget is None else int(gpu_kv_budget * GiB)
     overrides = {}
-    if device.type == "cuda" and budget is None:
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = max(0, free - activation_reserve(args, dtype))
-    elif device.type != "cuda" and budget is None and offload == "head":
+    if device.type == "cuda":
+        available = max(0, torch.cuda.mem_get_info(device)[0] - activation_reserve(args, dtype, min(chunk, max_len)))
+        if budget is not None and budget > available:
+            raise UsageError(f"--gpu-kv-budget {gpu_kv_budget} GiB exceeds the {fmt_bytes(available)} free on the "
+                             f"GPU after weights and prefill activations")
+        budget = available if budget is None else budget
+    elif budget is None and offload == "head":
         overrides = dict(group_size=1, resident=0)  # on CPU, show the method itself: stream every head
     host = host_available_bytes()
     try:
@@ -257,7 +277,7 @@ def plan_kv(args: ModelArgs, max_len: int, dtype, device, offload: str, gpu_kv_b
     return plan
 
 
-def activation_reserve(args: ModelArgs, dtype, chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
+def activation_reserve(args: ModelArgs, dtype, chunk: int) -> int:
     """GPU memory kept free for one prefill chunk's activations, plus a fixed margin for the allocator."""
     per_token = (4 * args.dim + 3 * args.intermediate_size + 2 * (args.n_head + 2 * args.n_kv_head) * args.head_dim)
     return 2 * chunk * per_token * dtype.itemsize + args.vocab_size * 4 + GiB
