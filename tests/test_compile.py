@@ -1,0 +1,37 @@
+"""torch.compile of the decode step: the same tokens as eager, one graph, no recompiles as context grows."""
+import pytest
+import torch
+import torch._dynamo
+
+from generate import compiled_decode_step, generate
+from offload import HeadOffloadCache, StandardCache
+from tests.test_offload import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("policy", ["none", "head", "layer"])
+def test_compiled_decode_gives_eager_tokens_without_recompiling(policy):
+    model = tiny_model(6, 3)
+    prompt = torch.randint(0, model.args.vocab_size, (23,)).tolist()
+    eager = generate(model, prompt, 24, offload=policy)
+    # Any recompile (a new context length, a new cache in the next call) would raise here.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert generate(model, prompt, 24, offload=policy, compile=True) == eager
+        assert generate(model, prompt[:11], 30, offload=policy, compile=True) == generate(model, prompt[:11], 30, offload=policy)
+
+
+@torch.no_grad()
+def test_compiled_step_has_no_graph_break():
+    model = tiny_model(4, 2)
+    args = model.args
+    for cache in (StandardCache(args, 1, 16, "cpu", torch.float32),
+                  HeadOffloadCache(args, 1, 16, "cpu", torch.float32, 1, 2)):
+        explanation = torch._dynamo.explain(compiled_decode_step()._torchdynamo_orig_callable)(
+            model, torch.tensor([[3]]), torch.tensor([0]), cache)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
