@@ -96,10 +96,18 @@ def load_model(checkpoint_dir=None, device="cpu", dtype=torch.float32):
     return model.eval(), load_tokenizer(ckpt)
 
 
+def gpu_free_bytes(device: torch.device) -> int:
+    """Free GPU memory, also under a per-process cap (set_per_process_memory_fraction), which
+    mem_get_info does not see."""
+    free, total = torch.cuda.mem_get_info(device)
+    cap = torch.cuda.get_per_process_memory_fraction(device) * total - torch.cuda.memory_reserved(device)
+    return int(max(0, min(free, cap)))
+
+
 def check_fits(nbytes: int, device: torch.device, what: str):
     """Refuse up front, in one line, what the device (or host RAM, for the CPU) cannot hold."""
     if device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(device)[0], f"GPU {device}"
+        free, where = gpu_free_bytes(device), f"GPU {device}"
     else:
         free, where = host_available_bytes(), "host RAM"
     if free is not None and nbytes > free:
@@ -255,7 +263,7 @@ def plan_kv(args: ModelArgs, max_len: int, dtype, device, offload: str, gpu_kv_b
     budget = None if gpu_kv_budget is None else int(gpu_kv_budget * GiB)
     overrides = {}
     if device.type == "cuda":
-        available = max(0, torch.cuda.mem_get_info(device)[0] - activation_reserve(args, dtype, min(chunk, max_len)))
+        available = max(0, gpu_free_bytes(device) - activation_reserve(args, dtype, min(chunk, max_len)))
         if budget is not None and budget > available:
             raise UsageError(f"--gpu-kv-budget {gpu_kv_budget} GiB exceeds the {fmt_bytes(available)} free on the "
                              f"GPU after weights and prefill activations")

@@ -47,7 +47,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # Chunked prefill: causal mask aligned bottom-right; the top-left default would let chunk i
     # see only the first tokens of the context.
     mask = causal_lower_right(T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hk)
+    if Hq == Hk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # GQA: one call per query head of each KV head, so every call has equal head counts. The fused
+    # kernels take the bottom-right mask only then (enable_gqa rules out the memory-efficient
+    # kernel and can fall back to the math one, which materializes T x S scores); K/V are not copied.
+    q = q.unflatten(1, (Hk, Hq // Hk))
+    outs = [F.scaled_dot_product_attention(q[:, :, r], k, v, attn_mask=mask) for r in range(Hq // Hk)]
+    return torch.stack(outs, dim=2).flatten(1, 2)
 
 
 class KVCache:
@@ -121,12 +128,15 @@ class HeadOffloadCache(KVCache):
         # Resident slots: one device tensor per layer holding that layer's first resident[l] heads.
         self.res_k = [torch.empty(batch, max_len, r, D, device=device, dtype=dtype) for r in resident]
         self.res_v = [torch.empty(batch, max_len, r, D, device=device, dtype=dtype) for r in resident]
-        # Streamed slots: the unit of transfer is (layer, head range); pinned so copies are async DMA.
         self.units = [(l, h, min(h + group_size, n_kv))
                       for l in range(args.n_layer) for h in range(resident[l], n_kv, group_size)]
-        store = lambda h0, h1: torch.empty(batch, max_len, h1 - h0, D, dtype=dtype, pin_memory=cuda)
-        self.store_k = [store(h0, h1) for _, h0, h1 in self.units]
-        self.store_v = [store(h0, h1) for _, h0, h1 in self.units]
+        # Streamed slots: the unit of transfer is (layer, head range); one host block holds all of
+        # them, pinned so that copies are asynchronous DMA.
+        unit_numel = [batch * max_len * (h1 - h0) * D for _, h0, h1 in self.units]
+        block = (pinned_empty if cuda else torch.empty)(2 * sum(unit_numel), dtype=dtype)
+        views = block.split(unit_numel * 2)
+        self.store_k = [t.view(batch, max_len, -1, D) for t in views[: len(self.units)]]
+        self.store_v = [t.view(batch, max_len, -1, D) for t in views[len(self.units):]]
         self.units_of_layer = [[i for i, u in enumerate(self.units) if u[0] == l] for l in range(args.n_layer)]
         # Ping-pong buffers, flat so a smaller last group can view them with its own head count.
         n_buf = 2 if self.units else 0
@@ -134,9 +144,10 @@ class HeadOffloadCache(KVCache):
         self.buf_k = [torch.empty(buf_numel, device=device, dtype=dtype) for _ in range(n_buf)]
         self.buf_v = [torch.empty(buf_numel, device=device, dtype=dtype) for _ in range(n_buf)]
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        for t in self.buf_k + self.buf_v:  # also used on the copy stream: free only once its copies are done
-            if cuda:
+        if cuda:
+            for t in self.buf_k + self.buf_v:  # also used on the copy stream: free once its copies are done
                 t.record_stream(self.copy_stream)
+            weakref.finalize(self, _unpin, block, self.copy_stream)
         self.copied = [_event(cuda) for _ in range(n_buf)]    # H2D of the buffer's unit done
         self.consumed = [_event(cuda) for _ in range(n_buf)]  # attention over the buffer done
         self.tick = 0            # streamed units processed so far; buffer = tick % 2
@@ -216,6 +227,24 @@ def spread_resident(n_resident: int, n_layer: int, n_kv: int) -> list[int]:
     """Spread resident slots evenly over layers so that every layer streams about the same bytes."""
     n_resident = max(0, min(n_resident, n_layer * n_kv))
     return [n_resident // n_layer + (l < n_resident % n_layer) for l in range(n_layer)]
+
+
+def pinned_empty(numel: int, dtype: torch.dtype) -> Tensor:
+    """A host tensor page-locked at exactly its size.
+
+    torch's pinned allocator rounds each block up to a power of two, so a 600K-token store would
+    pin as much RAM as a 1M one; registering ordinary memory with CUDA pins what is used, no more.
+    """
+    t = torch.empty(numel, dtype=dtype)
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0))
+    if err:
+        raise RuntimeError(f"cudaHostRegister failed (CUDA error {err}) pinning {fmt_bytes(t.nbytes)} of host memory")
+    return t
+
+
+def _unpin(block: Tensor, copy_stream):
+    copy_stream.synchronize()  # no DMA may still target the block when it is unregistered and freed
+    torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
 
 
 # --- streams and events that degrade to no-ops on CPU -------------------------------------------

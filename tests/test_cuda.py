@@ -1,0 +1,102 @@
+"""CUDA paths of the offload policies (skipped without a GPU): exact tokens, bounded memory, no host syncs."""
+import pytest
+import torch
+
+from generate import decode_step, generate
+from model import ModelArgs, Transformer
+from offload import GiB, HeadOffloadCache, LayerOffloadCache, StandardCache, plan_memory
+
+pytestmark = pytest.mark.cuda
+
+
+def random_model(args, dtype=torch.bfloat16, std=0.02):
+    with torch.device("cuda"):
+        model = Transformer(args).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def test_bf16_greedy_tokens_identical_to_standard_on_gpu():
+    args = ModelArgs(dim=256, n_layer=4, n_head=8, n_kv_head=2, head_dim=32, intermediate_size=512,
+                     vocab_size=1000, max_seq_len=4096)
+    torch.manual_seed(0)
+    model = random_model(args, std=0.05)
+    prompt = torch.randint(0, args.vocab_size, (1500,)).tolist()
+    ref = generate(model, prompt, 64, offload="none", prefill_chunk=512)
+    assert generate(model, prompt, 64, offload="layer", prefill_chunk=512) == ref
+    for budget in (0.0005, 0.002, None):  # all streamed, some resident, all resident
+        assert generate(model, prompt, 64, offload="head", prefill_chunk=512, gpu_kv_budget=budget) == ref
+    assert generate(model, prompt, 64, offload="head", prefill_chunk=512, gpu_kv_budget=0.0005, compile=True) == ref
+
+
+@torch.no_grad()
+def test_fp32_logits_match_standard_on_gpu():
+    args = ModelArgs(dim=128, n_layer=3, n_head=6, n_kv_head=3, head_dim=32, intermediate_size=256,
+                     vocab_size=500, max_seq_len=2048)
+    torch.manual_seed(1)
+    model = random_model(args, dtype=torch.float32, std=0.1)
+    tokens = torch.randint(0, args.vocab_size, (1, 700), device="cuda")
+
+    def run(cache):
+        out = [model(tokens[:, s:s + 256], torch.arange(s, min(s + 256, 700), device="cuda"), cache)
+               for s in range(0, 700, 256)]
+        for i in range(8):
+            out.append(model(tokens[:, i:i + 1], torch.tensor([700 + i], device="cuda"), cache))
+        return torch.cat(out, 1)
+
+    ref = run(StandardCache(args, 1, 708, "cuda", torch.float32))
+    for cache in (LayerOffloadCache(args, 1, 708, "cuda", torch.float32),
+                  HeadOffloadCache(args, 1, 708, "cuda", torch.float32, group_size=1, resident=4),
+                  HeadOffloadCache(args, 1, 708, "cuda", torch.float32, group_size=2, resident=0)):
+        assert (run(cache) - ref).abs().max().item() <= 1e-4  # TF32-free fp32 kernels may still reorder sums
+
+
+@torch.no_grad()
+def test_decode_issues_no_host_synchronization():
+    args = ModelArgs(dim=256, n_layer=4, n_head=8, n_kv_head=4, head_dim=32, intermediate_size=512,
+                     vocab_size=1000, max_seq_len=4096)
+    model = random_model(args)
+    cache = HeadOffloadCache(args, 1, 2048, "cuda", torch.bfloat16, group_size=1, resident=3)
+    model(torch.zeros(1, 1000, dtype=torch.long, device="cuda"), torch.arange(1000, device="cuda"), cache)
+    token, pos = torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.tensor([1000], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+    try:
+        for _ in range(16):
+            token = decode_step(model, token, pos, cache).argmax(-1, keepdim=True)
+            pos += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert cache.length == 1016
+
+
+@torch.no_grad()
+def test_gpu_memory_does_not_grow_with_context_under_head_offload():
+    """Llama-3-8B shape: peak GPU memory stays within weights + KV budget + a fixed amount, at 32K and 128K."""
+    args = ModelArgs.from_name("Meta-Llama-3-8B")
+    args.max_seq_len = 1 << 20
+    model = random_model(args)
+    weights = sum(p.nbytes for p in model.parameters())
+    budget = 2 * GiB
+    peaks = {}
+    for context in (32_768, 131_072):
+        plan = plan_memory(args, context + 16, torch.bfloat16, "head", gpu_budget=budget)
+        cache = HeadOffloadCache(args, 1, plan.max_len, "cuda", torch.bfloat16, plan.group_size, plan.resident_slots)
+        cache.length = context - 1024  # the stored prefix is arbitrary: memory does not depend on its values
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        model(torch.zeros(1, 1024, dtype=torch.long, device="cuda"),
+              torch.arange(context - 1024, context, device="cuda"), cache, last_only=True)
+        token, pos = torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.tensor([context], device="cuda")
+        for _ in range(8):
+            token = decode_step(model, token, pos, cache).argmax(-1, keepdim=True)
+            pos += 1
+        torch.cuda.synchronize()
+        peaks[context] = torch.cuda.max_memory_allocated()
+        assert plan.kv_bytes_gpu <= budget
+        assert peaks[context] <= weights + budget + 1.5 * GiB, (context, peaks[context] / GiB)
+        del cache
+    assert peaks[131_072] - peaks[32_768] <= 256 * 2**20  # beyond the budget, nothing grows with context
