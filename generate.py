@@ -185,7 +185,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     new_ids, phase, cache, failure = [], "allocation", None, None
-    t0 = t1 = time.perf_counter()
+    t0 = t1 = t_first = time.perf_counter()
     prefill_s = decode_s = None
     try:
         cache = allocate_cache(plan, args, device, dtype)
@@ -212,6 +212,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
                 token = sample(step(model, current, input_pos, cache), temperature, top_k, generator)
                 input_pos += 1
             new_ids.append(int(current.item()))
+            if len(new_ids) == 2:  # the first decode step is done (and compiled, with compile=True)
+                t_first = time.perf_counter()
             if on_token is not None:
                 on_token(new_ids[-1])
             if new_ids[-1] in stop_ids:
@@ -228,7 +230,9 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
                 decode_s = time.perf_counter() - t1
             stats.update(
                 prompt_tokens=len(prompt_ids), prefill_s=prefill_s,
-                decode_tok_s=(len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s else None,
+                # steady state: the tokens after the first decode step, whose time may include compiling
+                decode_tok_s=(len(new_ids) - 2) / (t1 + decode_s - t_first) if len(new_ids) > 2 and decode_s else None,
+                first_step_s=t_first - t1 if len(new_ids) > 1 else None,
                 peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                 kv_bytes_gpu=plan.kv_bytes_gpu if device.type == "cuda" else 0,
                 kv_bytes_cpu=plan.kv_bytes_cpu + (0 if device.type == "cuda" else plan.kv_bytes_gpu), offload=offload,

@@ -93,9 +93,8 @@ class StandardCache(KVCache):
     def __init__(self, args, batch, max_len, device, dtype):
         super().__init__(args, batch, max_len, device, dtype)
         shape = (args.n_layer, batch, max_len, args.n_kv_head, args.head_dim)
-        # empty, not zeros: only the prefix written so far is ever read.
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.k = host_or_device_empty(shape, self.device, dtype)
+        self.v = host_or_device_empty(shape, self.device, dtype)
         self.kv_bytes_gpu = 2 * self.k.nbytes if self.device.type == "cuda" else 0
         self.kv_bytes_cpu = 0 if self.device.type == "cuda" else 2 * self.k.nbytes
 
@@ -126,14 +125,15 @@ class HeadOffloadCache(KVCache):
         self.group_size, self.resident = group_size, list(resident)
         cuda = self.device.type == "cuda"
         # Resident slots: one device tensor per layer holding that layer's first resident[l] heads.
-        self.res_k = [torch.empty(batch, max_len, r, D, device=device, dtype=dtype) for r in resident]
-        self.res_v = [torch.empty(batch, max_len, r, D, device=device, dtype=dtype) for r in resident]
+        self.res_k = [host_or_device_empty((batch, max_len, r, D), self.device, dtype) for r in resident]
+        self.res_v = [host_or_device_empty((batch, max_len, r, D), self.device, dtype) for r in resident]
         self.units = [(l, h, min(h + group_size, n_kv))
                       for l in range(args.n_layer) for h in range(resident[l], n_kv, group_size)]
         # Streamed slots: the unit of transfer is (layer, head range); one host block holds all of
         # them, pinned so that copies are asynchronous DMA.
         unit_numel = [batch * max_len * (h1 - h0) * D for _, h0, h1 in self.units]
-        block = (pinned_empty if cuda else torch.empty)(2 * sum(unit_numel), dtype=dtype)
+        block = pinned_empty(2 * sum(unit_numel), dtype) if cuda else host_or_device_empty(
+            (2 * sum(unit_numel),), self.device, dtype)
         views = block.split(unit_numel * 2)
         self.store_k = [t.view(batch, max_len, -1, D) for t in views[: len(self.units)]]
         self.store_v = [t.view(batch, max_len, -1, D) for t in views[len(self.units):]]
@@ -141,8 +141,8 @@ class HeadOffloadCache(KVCache):
         # Ping-pong buffers, flat so a smaller last group can view them with its own head count.
         n_buf = 2 if self.units else 0
         buf_numel = batch * max_len * group_size * D
-        self.buf_k = [torch.empty(buf_numel, device=device, dtype=dtype) for _ in range(n_buf)]
-        self.buf_v = [torch.empty(buf_numel, device=device, dtype=dtype) for _ in range(n_buf)]
+        self.buf_k = [host_or_device_empty((buf_numel,), self.device, dtype) for _ in range(n_buf)]
+        self.buf_v = [host_or_device_empty((buf_numel,), self.device, dtype) for _ in range(n_buf)]
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         if cuda:
             for t in self.buf_k + self.buf_v:  # also used on the copy stream: free once its copies are done
@@ -229,13 +229,22 @@ def spread_resident(n_resident: int, n_layer: int, n_kv: int) -> list[int]:
     return [n_resident // n_layer + (l < n_resident % n_layer) for l in range(n_layer)]
 
 
+def host_or_device_empty(shape, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Cache memory, committed now. The OS backs untouched host pages lazily: an `empty` store would
+    pass the plan's RAM check, then grow with every token and could be OOM-killed hours into a run.
+    Device memory (and pinned host memory) is committed when allocated, so no fill is needed there."""
+    if device.type == "cpu":
+        return torch.zeros(shape, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def pinned_empty(numel: int, dtype: torch.dtype) -> Tensor:
     """A host tensor page-locked at exactly its size.
 
     torch's pinned allocator rounds each block up to a power of two, so a 600K-token store would
     pin as much RAM as a 1M one; registering ordinary memory with CUDA pins what is used, no more.
     """
-    t = torch.empty(numel, dtype=dtype)
+    t = torch.empty(numel, dtype=dtype)  # registering locks (and so commits) every page
     err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0))
     if err:
         raise RuntimeError(f"cudaHostRegister failed (CUDA error {err}) pinning {fmt_bytes(t.nbytes)} of host memory")

@@ -1,5 +1,6 @@
 """Every offload policy gives the standard cache's logits (fp32, <= 1e-5) and greedy tokens, on CPU."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -158,3 +159,23 @@ def test_spread_resident_is_even():
     assert spread_resident(5, 3, 4) == [2, 2, 1]
     assert spread_resident(100, 3, 4) == [4, 4, 4]
     assert sum(spread_resident(7, 4, 2)) == 7
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+@pytest.mark.parametrize("make", [
+    lambda a, n: StandardCache(a, 1, n, "cpu", torch.float32),
+    lambda a, n: HeadOffloadCache(a, 1, n, "cpu", torch.float32, group_size=1, resident=1),
+])
+def test_cpu_cache_memory_is_committed_when_allocated(make):
+    """Pages the OS has not backed yet would pass the RAM check and then grow with every token."""
+    args = ModelArgs(dim=64, n_layer=4, n_head=4, n_kv_head=2, head_dim=64, intermediate_size=64,
+                     vocab_size=16, max_seq_len=1 << 20)
+    n = 60_000  # 2 * 4 layers * 2 heads * 64 * 4 bytes = 4 KiB per token: 240 MiB
+    before = rss_bytes()
+    cache = make(args, n)
+    assert rss_bytes() - before >= 0.9 * cache.kv_bytes_cpu >= 0.9 * n * args.kv_bytes_per_token(torch.float32)
