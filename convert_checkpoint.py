@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -196,6 +195,7 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def open_gguf(path: Path) -> Source:
+    import gguf  # only GGUF sources need it
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on files that are not GGUF

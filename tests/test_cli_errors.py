@@ -12,6 +12,7 @@ from generate import default_checkpoint
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.default_model  # the tiny checkpoint borrows the default model's tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from generate import generate, load_model
 from offload import HeadOffloadCache, LayerOffloadCache, StandardCache
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.default_model]
 
 
 @pytest.fixture(scope="module")

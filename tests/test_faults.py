@@ -60,6 +60,7 @@ def test_ctrl_c_during_decode_keeps_tokens_and_stats():
 
 
 @pytest.mark.slow
+@pytest.mark.default_model
 def test_sigint_to_the_cli_exits_130_with_partial_output():
     proc = subprocess.Popen([sys.executable, "generate.py", "--prompt", "Tell me a very long story.", "--chat",
                              "--max-new-tokens", "3000", "--offload", "head"],
@@ -76,6 +77,7 @@ def test_sigint_to_the_cli_exits_130_with_partial_output():
 
 
 @pytest.mark.slow
+@pytest.mark.default_model
 def test_sigint_with_json_still_prints_the_json():
     proc = subprocess.Popen([sys.executable, "generate.py", "--prompt", "Tell me a very long story.", "--chat",
                              "--max-new-tokens", "3000", "--json"],
