@@ -143,6 +143,23 @@ def compiled_decode_step():
     return _compiled_decode_step
 
 
+def _to_host(token: Tensor):
+    """Start copying a token to the host. `.item()` would wait for the whole stream, including the
+    step queued after the token; an event on a pinned copy waits for the token alone."""
+    if token.device.type != "cuda":
+        return token, None
+    host, done = token.to("cpu", non_blocking=True), torch.cuda.Event()  # non_blocking: pinned host memory
+    done.record(torch.cuda.current_stream(token.device))
+    return host, done
+
+
+def _read(pending) -> int:
+    host, done = pending
+    if done is not None:
+        done.synchronize()
+    return int(host.item())
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -207,11 +224,11 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
         phase, t1 = "decode", time.perf_counter()
         input_pos = torch.tensor([len(prompt_ids)], device=device)
         for i in range(max_new_tokens):
-            current = token
+            current = _to_host(token)
             if i + 1 < max_new_tokens:
-                token = sample(step(model, current, input_pos, cache), temperature, top_k, generator)
+                token = sample(step(model, token, input_pos, cache), temperature, top_k, generator)
                 input_pos += 1
-            new_ids.append(int(current.item()))
+            new_ids.append(_read(current))
             if len(new_ids) == 2:  # the first decode step is done (and compiled, with compile=True)
                 t_first = time.perf_counter()
             if on_token is not None:

@@ -46,7 +46,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return out.reshape(B, Hq, 1, D)
     # Chunked prefill: causal mask aligned bottom-right; the top-left default would let chunk i
     # see only the first tokens of the context.
-    mask = causal_lower_right(T, S)
+    mask = _lower_right(T, S)
     if Hq == Hk:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     # GQA: one call per query head of each KV head, so every call has equal head counts. The fused
@@ -55,6 +55,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     q = q.unflatten(1, (Hk, Hq // Hk))
     outs = [F.scaled_dot_product_attention(q[:, :, r], k, v, attn_mask=mask) for r in range(Hq // Hk)]
     return torch.stack(outs, dim=2).flatten(1, 2)
+
+
+def _lower_right(T: int, S: int) -> Tensor:
+    # causal_lower_right(T, S) goes through the legacy Tensor constructor, which allocates an unused
+    # [2, T, S] fp32 host tensor (64 GiB for an 8K chunk at 1M tokens, per call). SDPA dispatches on
+    # the lengths alone, so build a tiny one and set them.
+    mask = causal_lower_right(1, 1)
+    mask.seq_len_q, mask.seq_len_kv = T, S
+    return mask
 
 
 class KVCache:
@@ -132,8 +141,9 @@ class HeadOffloadCache(KVCache):
         # Streamed slots: the unit of transfer is (layer, head range); one host block holds all of
         # them, pinned so that copies are asynchronous DMA.
         unit_numel = [batch * max_len * (h1 - h0) * D for _, h0, h1 in self.units]
-        block = pinned_empty(2 * sum(unit_numel), dtype) if cuda else host_or_device_empty(
-            (2 * sum(unit_numel),), self.device, dtype)
+        pin = cuda and bool(self.units)  # all heads resident: nothing to pin (cudaHostRegister rejects 0 bytes)
+        block = pinned_empty(2 * sum(unit_numel), dtype) if pin else host_or_device_empty(
+            (2 * sum(unit_numel),), torch.device("cpu"), dtype)
         views = block.split(unit_numel * 2)
         self.store_k = [t.view(batch, max_len, -1, D) for t in views[: len(self.units)]]
         self.store_v = [t.view(batch, max_len, -1, D) for t in views[len(self.units):]]
@@ -147,6 +157,7 @@ class HeadOffloadCache(KVCache):
         if cuda:
             for t in self.buf_k + self.buf_v:  # also used on the copy stream: free once its copies are done
                 t.record_stream(self.copy_stream)
+        if pin:
             weakref.finalize(self, _unpin, block, self.copy_stream)
         self.copied = [_event(cuda) for _ in range(n_buf)]    # H2D of the buffer's unit done
         self.consumed = [_event(cuda) for _ in range(n_buf)]  # attention over the buffer done
@@ -195,12 +206,12 @@ class HeadOffloadCache(KVCache):
             last = unit + 1 == len(self.units)
             if not last:  # keep the pipeline one unit ahead: this copy overlaps the attention below
                 self._prefetch(self.tick + 1, unit + 1, start)
-            _wait(self.copied[b])
+            _wait(self.copied[b], self.device)
             buf_k, buf_v = self._view(self.buf_k[b], unit, end), self._view(self.buf_v[b], unit, end)
             buf_k[:, start:end] = k[:, :, h0:h1]
             buf_v[:, start:end] = v[:, :, h0:h1]
             outs.append(attention(q[:, h0 * self.rep: h1 * self.rep], buf_k.transpose(1, 2), buf_v.transpose(1, 2)))
-            _record(self.consumed[b])
+            _record(self.consumed[b], device=self.device)
             # Only the new tokens go back to the CPU store, copied from the buffer (not from the
             # short-lived k/v, whose memory the allocator could hand out again meanwhile).
             with _on(self.copy_stream):
@@ -271,15 +282,16 @@ def _event(cuda: bool):
     return torch.cuda.Event() if cuda else None
 
 
-def _record(event, stream=None):
+# The compute stream is the current stream of the cache's device, which need not be the current device.
+def _record(event, stream=None, device=None):
     if event is not None:
-        event.record(stream)
+        event.record(stream if stream is not None else torch.cuda.current_stream(device))
 
 
-def _wait(event):
+def _wait(event, device=None):
     """Make the current (compute) stream wait for the event: a device-side wait, not a host sync."""
     if event is not None:
-        torch.cuda.current_stream().wait_event(event)
+        torch.cuda.current_stream(device).wait_event(event)
 
 
 # --- the opaque op seen by torch.compile ---------------------------------------------------------

@@ -3,15 +3,17 @@ import pytest
 import torch
 
 from generate import decode_step, generate
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, rope_inv_freq
 from offload import GiB, HeadOffloadCache, LayerOffloadCache, StandardCache, plan_memory
 
 pytestmark = pytest.mark.cuda
 
 
 def random_model(args, dtype=torch.bfloat16, std=0.02):
-    with torch.device("cuda"):
-        model = Transformer(args).to(dtype).eval()
+    with torch.device("meta"):  # straight to `dtype` on the GPU: no fp32 copy first (32 GB for 8B)
+        model = Transformer(args).to(dtype)
+    model = model.to_empty(device="cuda").eval()
+    model.inv_freq = rope_inv_freq(args).cuda()  # fp32, as load_model leaves it
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, std)
@@ -26,9 +28,11 @@ def test_bf16_greedy_tokens_identical_to_standard_on_gpu():
     prompt = torch.randint(0, args.vocab_size, (1500,)).tolist()
     ref = generate(model, prompt, 64, offload="none", prefill_chunk=512)
     assert generate(model, prompt, 64, offload="layer", prefill_chunk=512) == ref
-    for budget in (0.0005, 0.002, None):  # all streamed, some resident, all resident
+    for budget in (0.0005, 0.001, None):  # all streamed, 3 of 8 slots resident, all resident
         assert generate(model, prompt, 64, offload="head", prefill_chunk=512, gpu_kv_budget=budget) == ref
-    assert generate(model, prompt, 64, offload="head", prefill_chunk=512, gpu_kv_budget=0.0005, compile=True) == ref
+    # Compiled against compiled: inductor fuses bf16 ops without eager's intermediate rounding.
+    assert (generate(model, prompt, 64, offload="head", prefill_chunk=512, gpu_kv_budget=0.0005, compile=True)
+            == generate(model, prompt, 64, offload="none", prefill_chunk=512, compile=True))
 
 
 @torch.no_grad()
