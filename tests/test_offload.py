@@ -179,3 +179,13 @@ def test_cpu_cache_memory_is_committed_when_allocated(make):
     before = rss_bytes()
     cache = make(args, n)
     assert rss_bytes() - before >= 0.9 * cache.kv_bytes_cpu >= 0.9 * n * args.kv_bytes_per_token(torch.float32)
+
+
+def test_prefill_mask_is_lengths_only():
+    """torch's causal_lower_right allocates a [2, T, S] fp32 host tensor (64 GiB for 8K x 1M); ours is
+    the same bottom-right mask without the storage."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from offload import _lower_right
+    assert _lower_right(8192, 1 << 20).untyped_storage().nbytes() < 1024
+    assert torch.equal(_lower_right(5, 9)._materialize(), causal_lower_right(5, 9)._materialize())
