@@ -88,3 +88,5 @@ def test_cli_json_contract():
     assert "Paris" in out["text"] and out["offload"] == "head" and out["peak_gpu_mem_bytes"] is None
     assert out["kv_bytes_cpu"] > 0 and all(isinstance(t, int) for t in out["new_tokens"])
     assert len(r.stdout.strip().splitlines()) == 1  # --json: nothing else on stdout
+    if not torch.cuda.is_available():
+        assert "runs its CPU path" in r.stderr  # --offload head without CUDA says what it does
