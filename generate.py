@@ -269,7 +269,7 @@ def allocate_cache(plan, args, device, dtype):
     except torch.cuda.OutOfMemoryError:
         raise UsageError(f"out of GPU memory allocating the KV cache ({plan.describe()}); "
                          f"try a smaller --gpu-kv-budget") from None
-    except RuntimeError as e:  # cudaHostAlloc failing: pinned memory is a hard limit, never swapped
+    except RuntimeError as e:  # cudaHostRegister failing (offload.pinned_empty): pinned memory is never swapped
         if "pin" not in str(e).lower() and "host" not in str(e).lower():
             raise
         raise UsageError(f"could not pin {fmt_bytes(plan.kv_bytes_cpu)} of host memory for the KV store "
