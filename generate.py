@@ -291,19 +291,11 @@ def plan_kv(args: ModelArgs, max_len: int, dtype, device, offload: str, gpu_kv_b
         budget = available if budget is None else budget
     elif budget is None and offload == "head":
         overrides = dict(group_size=1, resident=0)  # on CPU, show the method itself: stream every head
-    host = host_available_bytes()
     try:
-        plan = plan_memory(args, max_len, dtype, offload, gpu_budget=budget,
-                           host_available=host if device.type == "cuda" else None, **overrides)
+        return plan_memory(args, max_len, dtype, offload, gpu_budget=budget, host_available=host_available_bytes(),
+                           device_is_host=device.type != "cuda", **overrides)
     except PlanError as e:
         raise UsageError(str(e)) from None
-    if device.type != "cuda" and host is not None and plan.kv_bytes_gpu + plan.kv_bytes_cpu > host:
-        # Without a GPU every byte of the plan is host memory.
-        per_token = (plan.kv_bytes_gpu + plan.kv_bytes_cpu) / max_len
-        raise UsageError(f"the KV cache needs {fmt_bytes(plan.kv_bytes_gpu + plan.kv_bytes_cpu)} of RAM for "
-                         f"{max_len} tokens but {fmt_bytes(host)} is available; at most about "
-                         f"{int(host // per_token)} tokens would fit")
-    return plan
 
 
 def activation_reserve(args: ModelArgs, dtype, chunk: int) -> int:
@@ -439,12 +431,11 @@ def report(opts, tokenizer, new_ids, printed, stats):
         print(out_text[len(printed):], flush=True)
     if stats["interrupted"]:
         print("interrupted", file=sys.stderr)
-    gib = fmt_bytes
     prefill = f"{stats['prefill_s']:.2f} s" if stats["prefill_s"] is not None else "unfinished"
     tok_s = f"{stats['decode_tok_s']:.1f} tok/s" if stats["decode_tok_s"] else "n/a"
-    peak = f", peak GPU {gib(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
+    peak = f", peak GPU {fmt_bytes(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
     print(f"prompt {stats['prompt_tokens']} tokens, prefill {prefill}, {len(new_ids)} new tokens at {tok_s}, "
-          f"offload={stats['offload']}, KV {gib(stats['kv_bytes_gpu'])} on GPU / {gib(stats['kv_bytes_cpu'])} "
+          f"offload={stats['offload']}, KV {fmt_bytes(stats['kv_bytes_gpu'])} on GPU / {fmt_bytes(stats['kv_bytes_cpu'])} "
           f"on CPU{peak}", file=sys.stderr)
     if opts.json:
         print(json.dumps({"text": out_text, "new_tokens": new_ids, **stats}), flush=True)

@@ -335,7 +335,7 @@ class Plan:
         return asdict(self)
 
     def describe(self) -> str:
-        g = fmt_bytes
+        g = fmt_bytes  # short: five sizes in one sentence
         if self.policy == "none":
             return f"plan: standard cache, {g(self.kv_bytes_gpu)} of KV on the device for {self.max_len} tokens"
         return (f"plan: {self.policy} offload, {self.max_len} tokens: KV {g(self.kv_bytes_total)} total, "
@@ -350,11 +350,12 @@ class PlanError(ValueError):
 
 def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, batch: int = 1,
                 gpu_budget: int | None = None, host_available: int | None = None,
-                group_size: int | None = None, resident: int | None = None) -> Plan:
+                group_size: int | None = None, resident: int | None = None, device_is_host: bool = False) -> Plan:
     """Decide where the KV cache goes, before anything is allocated.
 
     gpu_budget: bytes of KV the device may hold (resident slots + ping-pong buffers); None is
-    unlimited. host_available bounds the CPU store. group_size / resident override the choices below.
+    unlimited. host_available bounds what lives in host RAM: the CPU store, and everything when
+    device_is_host (a CPU run). group_size / resident override the choices below.
     Adaptive grouping (paper Sec. 4.3): the largest group whose two ping-pong buffers take at most a
     quarter of the budget, so short contexts stream whole layers and the longest single heads; the
     rest of the budget keeps (layer, head) slots resident, and those need no transfer at all.
@@ -366,13 +367,13 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
     slot_bytes = max_len * token_bytes                          # one (layer, head) slot
     total = slots * slot_bytes
     budget = float("inf") if gpu_budget is None else gpu_budget
-    gib = fmt_bytes
 
     if policy == "none":
         if total > budget:
-            raise PlanError(f"the standard cache needs {gib(total)} of KV on the device for {max_len} tokens "
-                            f"but the budget is {gib(budget)}; use --offload head")
-        return Plan(policy, max_len, total, total, 0, n_kv, slots, slots, 0)
+            raise PlanError(f"the standard cache needs {fmt_bytes(total)} of KV on the device for {max_len} "
+                            f"tokens but the budget is {fmt_bytes(budget)}; use --offload head")
+        return _check_host(Plan(policy, max_len, total, total, 0, n_kv, slots, slots, 0), host_available,
+                           device_is_host)
 
     if policy == "layer":
         size, resident = n_kv, 0
@@ -384,19 +385,26 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
     buffers = 2 * size * slot_bytes if resident != slots else 0
     if buffers > budget:
         fit = int(budget // (2 * size * token_bytes))
-        raise PlanError(f"a GPU KV budget of {gib(budget)} cannot hold the two buffers of a {size}-head group "
-                        f"({gib(buffers)} at {max_len} tokens); a budget of {gib(buffers)} or a context of "
-                        f"at most {fit} tokens would fit")
+        raise PlanError(f"a GPU KV budget of {fmt_bytes(budget)} cannot hold the two buffers of a {size}-head "
+                        f"group ({fmt_bytes(buffers)} at {max_len} tokens); a budget of {fmt_bytes(buffers)} or a "
+                        f"context of at most {fit} tokens would fit")
     if resident is None:
         resident = slots if budget == float("inf") else min(slots, int((budget - buffers) // slot_bytes))
     if resident == slots:
         buffers = 0
     cpu = (slots - resident) * slot_bytes
-    if host_available is not None and cpu > host_available:
-        fit = int(host_available // ((slots - resident) * token_bytes))
-        raise PlanError(f"the KV store needs {gib(cpu)} of host RAM for {max_len} tokens but {gib(host_available)} "
-                        f"is available; at most about {fit} tokens would fit")
-    return Plan(policy, max_len, total, resident * slot_bytes + buffers, cpu, size, resident, slots, buffers)
+    plan = Plan(policy, max_len, total, resident * slot_bytes + buffers, cpu, size, resident, slots, buffers)
+    return _check_host(plan, host_available, device_is_host)
+
+
+def _check_host(plan: Plan, host_available: int | None, device_is_host: bool) -> Plan:
+    """Refuse a plan whose host-RAM part does not fit; every part of it grows linearly with max_len."""
+    need = plan.kv_bytes_cpu + (plan.kv_bytes_gpu if device_is_host else 0)
+    if host_available is not None and need > host_available:
+        fit = int(host_available * plan.max_len // need)
+        raise PlanError(f"the KV cache needs {fmt_bytes(need)} of host RAM for {plan.max_len} tokens but "
+                        f"{fmt_bytes(host_available)} is available; at most about {fit} tokens would fit")
+    return plan
 
 
 def make_cache(plan: Plan, args: ModelArgs, device, dtype, batch: int = 1) -> KVCache:

@@ -189,3 +189,10 @@ def test_prefill_mask_is_lengths_only():
     from offload import _lower_right
     assert _lower_right(8192, 1 << 20).untyped_storage().nbytes() < 1024
     assert torch.equal(_lower_right(5, 9)._materialize(), causal_lower_right(5, 9)._materialize())
+
+
+def test_plan_on_a_cpu_device_counts_every_kv_byte_as_host_ram():
+    host = 8 * GiB  # the standard cache at 128K is 16 GiB
+    assert plan_memory(LLAMA3_8B, 131_072, torch.bfloat16, "none", host_available=host).kv_bytes_gpu == 16 * GiB
+    with pytest.raises(PlanError, match="at most about 65536 tokens would fit"):
+        plan_memory(LLAMA3_8B, 131_072, torch.bfloat16, "none", host_available=host, device_is_host=True)
