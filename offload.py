@@ -11,32 +11,35 @@ q over everything stored so far (causal, the query block aligned to the end of t
                     attention. Slots that fit the GPU budget stay resident and are never copied.
 - LayerOffloadCache: the paper's layer-wise offload baseline: the same engine with one group per layer.
 
-The cache owns its position: it advances by T once the last layer has attended.
+The cache owns its position: it advances by T once the last layer has attended. Besides attention,
+every cache offers the same small surface for code that keeps a cache beyond one call: `length`,
+`read` and `write` of a layer's K/V rows in one canonical layout ([B, n_kv_head, T, D]), and
+`truncate`. Which memory (planning) a cache gets is planner.py's business.
 """
-import os
 import weakref
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 from model import ModelArgs
-
-POLICIES = ("none", "layer", "head")
-GiB = 1 << 30
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal SDPA of q [B, Hq, T, D] over k/v [B, Hk, S, D], the T queries being the last T keys."""
+    Hk = k.shape[1]
+    if q.device.type == "cpu" and Hk > 1:
+        # One KV head per call on the CPU. Its flash kernel splits the keys over threads when a call
+        # has few heads, and then the fp32 sums run in an order that depends on the call's head count.
+        # Every policy calls per KV head, whatever its grouping, so all of them do the same arithmetic
+        # and agree bit for bit. (CUDA kernels parallelize per head: one call there.)
+        rep = q.shape[1] // Hk
+        return torch.cat([_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1])
+                          for h in range(Hk)], dim=1)
+    return _attention(q, k, v)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     B, Hq, T, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     if T == 1:
@@ -60,20 +63,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def _lower_right(T: int, S: int) -> Tensor:
     # causal_lower_right(T, S) goes through the legacy Tensor constructor, which allocates an unused
     # [2, T, S] fp32 host tensor (64 GiB for an 8K chunk at 1M tokens, per call). SDPA dispatches on
-    # the lengths alone, so build a tiny one and set them.
+    # the lengths alone, so build a tiny one and set them. (Imported here: the module pulls in
+    # torch._dynamo, seconds of start-up that a run which fails its checks should not pay.)
+    from torch.nn.attention.bias import causal_lower_right
+
     mask = causal_lower_right(1, 1)
     mask.seq_len_q, mask.seq_len_kv = T, S
     return mask
 
 
 class KVCache:
-    """Shared plumbing: position bookkeeping and the opaque op that torch.compile sees."""
+    """Shared plumbing: position bookkeeping, the public read/write surface, and the opaque op that
+    torch.compile sees. Subclasses say where each layer's heads live (`_parts`) and how to attend."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
         self.args, self.batch, self.max_len = args, batch, max_len
         self.device, self.dtype = torch.device(device), dtype
         self.rep = args.n_head // args.n_kv_head
-        self.length = 0  # tokens stored so far
+        self.length = 0  # tokens stored in every layer; read it, change it with write/truncate
         self.handle = _register(self)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -95,6 +102,55 @@ class KVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         raise NotImplementedError
 
+    # --- the public surface: a layer's K/V rows in one layout, whatever the policy -----------------
+
+    def read(self, layer: int, start: int = 0, end: int | None = None) -> tuple[Tensor, Tensor]:
+        """Copies of K and V for positions [start, end) of `layer`, each [B, n_kv_head, end - start, D]
+        on the cache's device (end defaults to the length)."""
+        end = self.length if end is None else end
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"cannot read positions [{start}, {end}) of a cache holding {self.length}")
+        self._settle()
+        shape = (self.batch, self.args.n_kv_head, end - start, self.args.head_dim)
+        k, v = (torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(2))
+        for k_part, v_part, h0, h1 in self._parts(layer):
+            k[:, h0:h1] = k_part[:, start:end].transpose(1, 2)
+            v[:, h0:h1] = v_part[:, start:end].transpose(1, 2)
+        return k, v
+
+    def write(self, layer: int, start: int, k: Tensor, v: Tensor):
+        """Store K and V ([B, n_kv_head, T, D], any device) at positions [start, start + T) of `layer`.
+
+        start may not leave a gap after the stored tokens. As in attention, the length covers the new
+        positions once the last layer has them: write every layer, the last one last."""
+        T = k.shape[2]
+        expected = (self.batch, self.args.n_kv_head, T, self.args.head_dim)
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"write takes K and V of shape {list(expected)}, got {list(k.shape)} and {list(v.shape)}")
+        if not 0 <= start <= self.length or start + T > self.max_len:
+            raise ValueError(f"cannot write positions [{start}, {start + T}) into a cache holding {self.length} "
+                             f"of at most {self.max_len}")
+        self._settle()
+        for k_part, v_part, h0, h1 in self._parts(layer):
+            k_part[:, start:start + T] = k[:, h0:h1].transpose(1, 2)
+            v_part[:, start:start + T] = v[:, h0:h1].transpose(1, 2)
+        if layer == self.args.n_layer - 1:
+            self.length = max(self.length, start + T)
+
+    def truncate(self, length: int):
+        """Forget every position from `length` on; the next tokens are stored from there."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache holding {self.length} positions to {length}")
+        self._settle()
+        self.length = length
+
+    def _parts(self, layer: int):
+        """(K, V, first head, last head + 1) for every place `layer`'s heads live, each [B, max_len, heads, D]."""
+        raise NotImplementedError
+
+    def _settle(self):
+        """Before rows are read or replaced from outside: copies still in flight must land first."""
+
 
 class StandardCache(KVCache):
     """All K/V preallocated on the device: [layer][B, max_len, n_kv, D], token-major like the offload store."""
@@ -104,14 +160,18 @@ class StandardCache(KVCache):
         shape = (args.n_layer, batch, max_len, args.n_kv_head, args.head_dim)
         self.k = host_or_device_empty(shape, self.device, dtype)
         self.v = host_or_device_empty(shape, self.device, dtype)
-        self.kv_bytes_gpu = 2 * self.k.nbytes if self.device.type == "cuda" else 0
-        self.kv_bytes_cpu = 0 if self.device.type == "cuda" else 2 * self.k.nbytes
+        on_gpu = self.device.type == "cuda"
+        self.gpu_bytes, self.host_bytes = (2 * self.k.nbytes, 0) if on_gpu else (0, 2 * self.k.nbytes)
+        self.store_bytes = 0  # nothing is streamed
 
     def attend(self, layer, q, k, v):
         start, end = self.length, self.length + q.shape[2]
         self.k[layer, :, start:end] = k.transpose(1, 2)
         self.v[layer, :, start:end] = v.transpose(1, 2)
         return attention(q, self.k[layer, :, :end].transpose(1, 2), self.v[layer, :, :end].transpose(1, 2))
+
+    def _parts(self, layer):
+        yield self.k[layer], self.v[layer], 0, self.args.n_kv_head
 
 
 class HeadOffloadCache(KVCache):
@@ -166,8 +226,9 @@ class HeadOffloadCache(KVCache):
         res_bytes = sum(t.nbytes for t in self.res_k + self.res_v)
         buf_bytes = sum(t.nbytes for t in self.buf_k + self.buf_v)
         store_bytes = sum(t.nbytes for t in self.store_k + self.store_v)
-        self.kv_bytes_gpu = res_bytes + buf_bytes if cuda else 0
-        self.kv_bytes_cpu = store_bytes + (0 if cuda else res_bytes + buf_bytes)
+        self.store_bytes = store_bytes  # the streamed slots, in host RAM
+        self.gpu_bytes = res_bytes + buf_bytes if cuda else 0
+        self.host_bytes = store_bytes + (0 if cuda else res_bytes + buf_bytes)
 
     def _view(self, flat: Tensor, unit: int, length: int) -> Tensor:
         _, h0, h1 = self.units[unit]
@@ -226,6 +287,20 @@ class HeadOffloadCache(KVCache):
             self.tick += 1
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
+    def _parts(self, layer):
+        if self.resident[layer]:
+            yield self.res_k[layer], self.res_v[layer], 0, self.resident[layer]
+        for unit in self.units_of_layer[layer]:
+            _, h0, h1 = self.units[unit]
+            yield self.store_k[unit], self.store_v[unit], h0, h1
+
+    def _settle(self):
+        # Rows still travelling to or from the stores land first, and a prefetched buffer may hold
+        # rows that are about to change: the next attention copies its unit again.
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        self.in_flight = None
+
 
 class LayerOffloadCache(HeadOffloadCache):
     """The layer-wise offload baseline: each layer's whole KV is one streamed unit, nothing resident."""
@@ -258,7 +333,7 @@ def pinned_empty(numel: int, dtype: torch.dtype) -> Tensor:
     t = torch.empty(numel, dtype=dtype)  # registering locks (and so commits) every page
     err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0))
     if err:
-        raise RuntimeError(f"cudaHostRegister failed (CUDA error {err}) pinning {fmt_bytes(t.nbytes)} of host memory")
+        raise MemoryError(f"cudaHostRegister failed (CUDA error {err}) pinning {t.nbytes / 2**30:.2f} GiB")
     return t
 
 
@@ -315,116 +390,3 @@ def _attend_op(q: Tensor, k: Tensor, v: Tensor, handle: int, layer: int) -> Tens
 @_attend_op.register_fake
 def _(q, k, v, handle, layer):
     return q.new_empty(q.shape)
-
-
-# --- the memory planner --------------------------------------------------------------------------
-
-@dataclass
-class Plan:
-    policy: str
-    max_len: int
-    kv_bytes_total: int       # the whole cache at max_len
-    kv_bytes_gpu: int         # resident slots + ping-pong buffers (everything for `none`)
-    kv_bytes_cpu: int         # the CPU store (pinned when CUDA is used)
-    group_size: int
-    resident_slots: int       # of n_layer * n_kv_head
-    total_slots: int
-    buffer_bytes: int
-
-    def as_dict(self):
-        return asdict(self)
-
-    def describe(self) -> str:
-        g = fmt_bytes  # short: five sizes in one sentence
-        if self.policy == "none":
-            return f"plan: standard cache, {g(self.kv_bytes_gpu)} of KV on the device for {self.max_len} tokens"
-        return (f"plan: {self.policy} offload, {self.max_len} tokens: KV {g(self.kv_bytes_total)} total, "
-                f"{g(self.kv_bytes_cpu)} in CPU RAM, {g(self.kv_bytes_gpu)} on the device "
-                f"({self.resident_slots}/{self.total_slots} head slots resident, groups of {self.group_size} "
-                f"KV heads, buffers {g(self.buffer_bytes)})")
-
-
-class PlanError(ValueError):
-    """The run cannot fit; the message says what was asked, what is available and what would fit."""
-
-
-def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, batch: int = 1,
-                gpu_budget: int | None = None, host_available: int | None = None,
-                group_size: int | None = None, resident: int | None = None, device_is_host: bool = False) -> Plan:
-    """Decide where the KV cache goes, before anything is allocated.
-
-    gpu_budget: bytes of KV the device may hold (resident slots + ping-pong buffers); None is
-    unlimited. host_available bounds what lives in host RAM: the CPU store, and everything when
-    device_is_host (a CPU run). group_size / resident override the choices below.
-    Adaptive grouping (paper Sec. 4.3): the largest group whose two ping-pong buffers take at most a
-    quarter of the budget, so short contexts stream whole layers and the longest single heads; the
-    rest of the budget keeps (layer, head) slots resident, and those need no transfer at all.
-    """
-    if policy not in POLICIES:
-        raise PlanError(f"unknown offload policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    n_kv, slots = args.n_kv_head, args.n_layer * args.n_kv_head
-    token_bytes = 2 * batch * args.head_dim * dtype.itemsize  # K and V of one head for one token
-    slot_bytes = max_len * token_bytes                          # one (layer, head) slot
-    total = slots * slot_bytes
-    budget = float("inf") if gpu_budget is None else gpu_budget
-
-    if policy == "none":
-        if total > budget:
-            raise PlanError(f"the standard cache needs {fmt_bytes(total)} of KV on the device for {max_len} "
-                            f"tokens but the budget is {fmt_bytes(budget)}; use --offload head")
-        return _check_host(Plan(policy, max_len, total, total, 0, n_kv, slots, slots, 0), host_available,
-                           device_is_host)
-
-    if policy == "layer":
-        size, resident = n_kv, 0
-    elif resident is None and group_size is None and total <= budget:
-        size, resident = n_kv, slots  # everything fits: nothing to stream
-    else:
-        fits = [d for d in range(1, n_kv + 1) if 2 * d * slot_bytes <= budget / 4]
-        size = group_size or max(fits or [1])
-    buffers = 2 * size * slot_bytes if resident != slots else 0
-    if buffers > budget:
-        fit = int(budget // (2 * size * token_bytes))
-        raise PlanError(f"a GPU KV budget of {fmt_bytes(budget)} cannot hold the two buffers of a {size}-head "
-                        f"group ({fmt_bytes(buffers)} at {max_len} tokens); a budget of {fmt_bytes(buffers)} or a "
-                        f"context of at most {fit} tokens would fit")
-    if resident is None:
-        resident = slots if budget == float("inf") else min(slots, int((budget - buffers) // slot_bytes))
-    if resident == slots:
-        buffers = 0
-    cpu = (slots - resident) * slot_bytes
-    plan = Plan(policy, max_len, total, resident * slot_bytes + buffers, cpu, size, resident, slots, buffers)
-    return _check_host(plan, host_available, device_is_host)
-
-
-def _check_host(plan: Plan, host_available: int | None, device_is_host: bool) -> Plan:
-    """Refuse a plan whose host-RAM part does not fit; every part of it grows linearly with max_len."""
-    need = plan.kv_bytes_cpu + (plan.kv_bytes_gpu if device_is_host else 0)
-    if host_available is not None and need > host_available:
-        fit = int(host_available * plan.max_len // need)
-        raise PlanError(f"the KV cache needs {fmt_bytes(need)} of host RAM for {plan.max_len} tokens but "
-                        f"{fmt_bytes(host_available)} is available; at most about {fit} tokens would fit")
-    return plan
-
-
-def make_cache(plan: Plan, args: ModelArgs, device, dtype, batch: int = 1) -> KVCache:
-    if plan.policy == "none":
-        return StandardCache(args, batch, plan.max_len, device, dtype)
-    if plan.policy == "layer":
-        return LayerOffloadCache(args, batch, plan.max_len, device, dtype)
-    return HeadOffloadCache(args, batch, plan.max_len, device, dtype, plan.group_size, plan.resident_slots)
-
-
-def host_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (what the OS can give without swapping); None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None

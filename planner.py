@@ -1,0 +1,221 @@
+"""The memory planner: where the KV cache goes, decided and checked before anything is allocated.
+
+    plan = plan_cache(args, max_len, dtype, device, "head")   # this machine: free GPU memory, host RAM
+    cache = make_cache(plan, args)                           # the cache the plan describes
+
+`plan_memory` is the pure decision (any budget, any machine; tests and benchmarks call it directly);
+`plan_cache` asks this machine what it has and refuses, in one line that says what would fit, what
+cannot fit. A long run pins most of the host's RAM and may take an hour, so it checks first.
+"""
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from errors import UsageError
+from model import ModelArgs
+from offload import HeadOffloadCache, KVCache, LayerOffloadCache, StandardCache
+
+POLICIES = ("none", "layer", "head")
+GiB = 1 << 30
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class Plan:
+    """A cache layout for `max_len` tokens of `batch` sequences in `dtype` on `device`.
+
+    Sizes are by role (store, resident slots, buffers); `gpu_bytes` and `host_bytes` say where those
+    are: on a CPU run everything is in host RAM and nothing is on a GPU.
+    """
+    policy: str
+    device: str
+    dtype: torch.dtype
+    batch: int
+    max_len: int
+    group_size: int           # KV heads per streamed unit
+    resident_slots: int       # (layer, KV head) slots that stay on the compute device
+    total_slots: int          # n_layer * n_kv_head
+    kv_bytes: int             # the whole cache at max_len
+    store_bytes: int          # the streamed slots' store in host RAM (pinned when CUDA is used)
+    resident_bytes: int       # the resident slots (everything for `none`)
+    buffer_bytes: int         # the two ping-pong buffers of one group
+
+    @property
+    def on_gpu(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.resident_bytes + self.buffer_bytes if self.on_gpu else 0
+
+    @property
+    def host_bytes(self) -> int:
+        return self.store_bytes + (0 if self.on_gpu else self.resident_bytes + self.buffer_bytes)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "dtype": str(self.dtype).removeprefix("torch."),
+                "gpu_bytes": self.gpu_bytes, "host_bytes": self.host_bytes}
+
+    def describe(self) -> str:
+        g = fmt_bytes  # short: five sizes in one sentence
+        where, note = (f"GPU memory ({self.device})", "") if self.on_gpu else ("host RAM", "a CPU run; ")
+        if self.policy == "none":
+            return f"plan: standard cache, {g(self.kv_bytes)} of KV in {where} for {self.max_len} tokens"
+        return (f"plan: {self.policy} offload, {self.max_len} tokens, KV {g(self.kv_bytes)}: "
+                f"{g(self.store_bytes)} streamed from {'pinned ' if self.on_gpu else ''}host RAM, "
+                f"{g(self.resident_bytes + self.buffer_bytes)} in {where} ({note}{self.resident_slots}/"
+                f"{self.total_slots} head slots resident, groups of {self.group_size} KV heads, "
+                f"buffers {g(self.buffer_bytes)})")
+
+
+def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, device="cuda", batch: int = 1,
+                gpu_budget: int | None = None, host_available: int | None = None,
+                group_size: int | None = None, resident: int | None = None) -> Plan:
+    """Decide where the KV cache goes, before anything is allocated.
+
+    gpu_budget: bytes of KV the device may hold (resident slots + ping-pong buffers); None is
+    unlimited. host_available bounds what lives in host RAM: the store, and everything when the
+    device is the CPU. group_size / resident override the choices below.
+    Adaptive grouping (paper Sec. 4.3): the largest group whose two ping-pong buffers take at most a
+    quarter of the budget, so short contexts stream whole layers and the longest single heads; the
+    rest of the budget keeps (layer, head) slots resident, and those need no transfer at all.
+    """
+    if policy not in POLICIES:
+        raise UsageError(f"unknown offload policy {policy!r}; choose one of {', '.join(POLICIES)}", ("offload",))
+    n_kv, slots = args.n_kv_head, args.n_layer * args.n_kv_head
+    token_bytes = 2 * batch * args.head_dim * dtype.itemsize  # K and V of one head for one token
+    slot_bytes = max_len * token_bytes                          # one (layer, head) slot
+    total = slots * slot_bytes
+    budget = float("inf") if gpu_budget is None else gpu_budget
+    layout = dict(policy=policy, device=str(device), dtype=dtype, batch=batch, max_len=max_len, total_slots=slots,
+                  kv_bytes=total)
+
+    if policy == "none":
+        if total > budget:
+            raise UsageError(f"the standard cache needs {fmt_bytes(total)} of KV on the device for {max_len} tokens "
+                             f"but the budget is {fmt_bytes(budget)}; head offload streams it from host RAM",
+                             ("offload",))
+        plan = Plan(**layout, group_size=n_kv, resident_slots=slots, store_bytes=0, resident_bytes=total,
+                    buffer_bytes=0)
+        return _check_host(plan, host_available)
+
+    if policy == "layer":
+        size, resident = n_kv, 0
+    elif resident is None and group_size is None and total <= budget:
+        size, resident = n_kv, slots  # everything fits: nothing to stream
+    else:
+        fits = [d for d in range(1, n_kv + 1) if 2 * d * slot_bytes <= budget / 4]
+        size = group_size or max(fits or [1])
+    buffers = 2 * size * slot_bytes if resident != slots else 0
+    if buffers > budget:
+        fit = int(budget // (2 * size * token_bytes))
+        raise UsageError(f"a GPU KV budget of {fmt_bytes(budget)} cannot hold the two buffers of a {size}-head "
+                         f"group ({fmt_bytes(buffers)} at {max_len} tokens); a budget of {fmt_bytes(buffers)} or a "
+                         f"context of at most {fit} tokens would fit", ("gpu_kv_budget",))
+    if resident is None:
+        resident = slots if budget == float("inf") else min(slots, int((budget - buffers) // slot_bytes))
+    if resident == slots:
+        buffers = 0
+    plan = Plan(**layout, group_size=size, resident_slots=resident, store_bytes=(slots - resident) * slot_bytes,
+                resident_bytes=resident * slot_bytes, buffer_bytes=buffers)
+    return _check_host(plan, host_available)
+
+
+def _check_host(plan: Plan, host_available: int | None) -> Plan:
+    """Refuse a plan whose host-RAM part does not fit; every part of it grows linearly with max_len."""
+    need = plan.host_bytes
+    if host_available is not None and need > host_available:
+        fit = int(host_available * plan.max_len // need)
+        raise UsageError(f"the KV cache needs {fmt_bytes(need)} of host RAM for {plan.max_len} tokens but "
+                         f"{fmt_bytes(host_available)} is available; at most about {fit} tokens would fit")
+    return plan
+
+
+# --- what this machine has ------------------------------------------------------------------------
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what the OS can give without swapping); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def gpu_free_bytes(device: torch.device) -> int:
+    """Free GPU memory, also under a per-process cap (set_per_process_memory_fraction), which
+    mem_get_info does not see."""
+    free, total = torch.cuda.mem_get_info(device)
+    cap = torch.cuda.get_per_process_memory_fraction(device) * total - torch.cuda.memory_reserved(device)
+    return int(max(0, min(free, cap)))
+
+
+def check_fits(nbytes: int, device: torch.device, what: str):
+    """Refuse up front, in one line, what the device (or host RAM, for the CPU) cannot hold."""
+    if device.type == "cuda":
+        free, where = gpu_free_bytes(device), f"GPU {device}"
+    else:
+        free, where = host_available_bytes(), "host RAM"
+    if free is not None and nbytes > free:
+        raise UsageError(f"{what} need {fmt_bytes(nbytes)} but {where} has {fmt_bytes(free)} available")
+
+
+def activation_reserve(args: ModelArgs, dtype, chunk: int) -> int:
+    """GPU memory kept free for one prefill chunk's activations, plus a fixed margin for the allocator."""
+    per_token = (4 * args.dim + 3 * args.intermediate_size + 2 * (args.n_head + 2 * args.n_kv_head) * args.head_dim)
+    return 2 * chunk * per_token * dtype.itemsize + args.vocab_size * 4 + GiB
+
+
+def plan_cache(args: ModelArgs, max_len: int, dtype, device, policy: str, gpu_kv_budget: float | None = None,
+               prefill_chunk: int = 8192, batch: int = 1) -> Plan:
+    """The cache plan for a run on this machine, checked against host RAM and (on CUDA) the GPU memory
+    left free by the weights and one prefill chunk's activations. gpu_kv_budget is in GiB; by default
+    the KV may take all of that free memory."""
+    device = torch.device(device)
+    if gpu_kv_budget is not None and not gpu_kv_budget >= 0:
+        raise UsageError(f"gpu_kv_budget must be >= 0 GiB, got {gpu_kv_budget}", ("gpu_kv_budget",))
+    if gpu_kv_budget is not None and device.type != "cuda":
+        raise UsageError(f"gpu_kv_budget needs a CUDA device; on {device} the whole KV cache is in host RAM",
+                         ("gpu_kv_budget",))
+    budget, overrides = None, {}
+    if device.type == "cuda":
+        available = max(0, gpu_free_bytes(device) - activation_reserve(args, dtype, min(prefill_chunk, max_len)))
+        budget = available if gpu_kv_budget is None else int(gpu_kv_budget * GiB)
+        if budget > available:
+            raise UsageError(f"a GPU KV budget of {gpu_kv_budget} GiB exceeds the {fmt_bytes(available)} free on "
+                             f"{device} after the weights and one prefill chunk's activations", ("gpu_kv_budget",))
+    elif policy == "head":
+        overrides = dict(group_size=1, resident=0)  # on the CPU, show the method itself: stream every head
+    return plan_memory(args, max_len, dtype, policy, device, batch, gpu_budget=budget,
+                       host_available=host_available_bytes(), **overrides)
+
+
+def make_cache(plan: Plan, args: ModelArgs) -> KVCache:
+    """Allocate the cache a plan describes; running out of GPU memory or of lockable host memory here
+    is reported in one line with the plan."""
+    try:
+        if plan.policy == "none":
+            return StandardCache(args, plan.batch, plan.max_len, plan.device, plan.dtype)
+        if plan.policy == "layer":
+            return LayerOffloadCache(args, plan.batch, plan.max_len, plan.device, plan.dtype)
+        return HeadOffloadCache(args, plan.batch, plan.max_len, plan.device, plan.dtype, plan.group_size,
+                                plan.resident_slots)
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError(f"out of GPU memory allocating the KV cache ({plan.describe()}); a smaller GPU KV budget "
+                         f"would leave more room", ("gpu_kv_budget",)) from None
+    except MemoryError as e:  # cudaHostRegister failing (offload.pinned_empty): pinned memory is never swapped
+        raise UsageError(f"could not pin {fmt_bytes(plan.store_bytes)} of host memory for the KV store ({e}); "
+                         f"a shorter context needs less") from None
