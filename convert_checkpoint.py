@@ -21,12 +21,14 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from errors import UsageError
 
-class ConversionError(Exception):
-    """A problem the user can fix (bad source, bad flags). Its message is always one line."""
 
-    def __init__(self, message):
-        super().__init__(" ".join(str(message).split()))
+class ConversionError(UsageError):
+    """A source that cannot be converted, or an output that cannot be written. Its message is always one line."""
+
+    def __init__(self, message, options=()):
+        super().__init__(" ".join(str(message).split()), options)
 
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -347,9 +349,9 @@ def convert(src, out_dir, force: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConversionError(f"{out} exists and is not empty (use --force to replace it)")
+        raise ConversionError(f"{out} exists and is not empty (force=True replaces it)", ("force",))
     if Path(src).exists() and out.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
-        raise ConversionError(f"--out {out} would overwrite the source {src}")
+        raise ConversionError(f"the output {out} would overwrite the source {src}", ("out",))
     source = open_source(str(src))
     plan = plan_tensors(source)
 
@@ -372,17 +374,17 @@ def convert(src, out_dir, force: bool = False) -> Path:
     return out
 
 
-def main():
+def main(argv=None):
     from generate import ArgumentParser  # one-line usage errors, like generate.py
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="Hugging Face model dir, hub repo id (org/name), or llama .gguf file")
     parser.add_argument("--out", required=True, help="checkpoint dir to create")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         out = convert(args.src, args.out, force=args.force)
     except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.with_flags()}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)

