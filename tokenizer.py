@@ -7,7 +7,8 @@ Backends, picked by `load_tokenizer(dir)` from the files HF ships:
 `tokenizer_files_from_gguf` writes the HF files for a GGUF's embedded tokenizer (used by convert_checkpoint.py).
 
 Special tokens written literally in the text encode to their own id, as HF does for added tokens: that is
-how chat prompts work. To print while generating, use `tokenizer.decode_stream()`.
+how chat prompts work. `decode` leaves out control tokens (<|im_end|>, </s>, ...) unless asked to keep them,
+so generated ids decode to the text a user reads. To print while generating, use `tokenizer.decode_stream()`.
 """
 
 import base64
@@ -44,12 +45,15 @@ END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|en
 
 class Tokenizer:
     """The common part: special tokens in text, BOS, stop ids, chat template, streaming decode.
-    Public attributes: `special_tokens` ({text: id}), `bos_id`, `eos_id`, `bos_token`, `eos_token` (None when
-    absent), `add_bos` (encode's default), `stop_ids` (set), `chat_template` (Jinja source or None).
-    Backends implement `_encode_plain(text, after_special)` (text holding no special token) and `decode(ids)`."""
+    Public attributes: `special_tokens` ({text: id}), `control_ids` (the special tokens that are markup, not
+    text: all of them unless the tokenizer says otherwise), `bos_id`, `eos_id`, `bos_token`, `eos_token` (None
+    when absent), `add_bos` (encode's default), `stop_ids` (set), `chat_template` (Jinja source or None).
+    Backends implement `_encode_plain(text, after_special)` (text holding no special token) and `_decode(ids)`."""
 
-    def __init__(self, special_tokens: dict[str, int], bos: str | None, eos: str | None, add_bos: bool):
+    def __init__(self, special_tokens: dict[str, int], bos: str | None, eos: str | None, add_bos: bool,
+                 control_ids: set[int] | None = None):
         self.special_tokens = special_tokens
+        self.control_ids = set(special_tokens.values()) if control_ids is None else control_ids
         # Longest first, so a special token that starts another can't cut it short (HF matches leftmost-longest).
         names = sorted(special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
@@ -73,6 +77,10 @@ class Tokenizer:
             ids.append(self.special_tokens[m.group()])
             pos = m.end()
         return ids + self._encode_plain(text[pos:], after_special=pos > 0)
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        """The text of `ids`; control tokens are left out unless skip_special=False (HF's default)."""
+        return self._decode([i for i in ids if i not in self.control_ids] if skip_special else ids)
 
     def token_id(self, token: str) -> int:
         """The id of one token given as text (a special token or any text that encodes to one id)."""
@@ -134,7 +142,7 @@ class TiktokenTokenizer(Tokenizer):
         pieces = (p.encode().translate(None, self._missing) for p in self._split.findall(text))
         return [i for p in pieces if p for i in self.enc._encode_single_piece(p)]  # BPE of one piece, no split
 
-    def decode(self, ids: list[int]) -> str:
+    def _decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
 
 
@@ -163,7 +171,7 @@ class SentencePieceTokenizer(Tokenizer):
             text = text[1:]
         return self.sp.encode(text) if text else []
 
-    def decode(self, ids: list[int]) -> str:
+    def _decode(self, ids: list[int]) -> str:
         # sentencepiece drops control ids: write them out and decode the runs between them (each run loses
         # its first space, the dummy prefix or the space that stood in for it).
         out, run = [], []
@@ -264,8 +272,10 @@ def _bpe_from_tokenizer_json(spec: dict) -> TiktokenTokenizer:
             raise ValueError("tokenizer.json merges are not in token id order; this is not supported")
         last = i
     bos = _template_bos(spec.get("post_processor"))
+    control = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}  # the rest decode as text
     return TiktokenTokenizer(ranks, added, _split_pattern(spec.get("pre_tokenizer")),
-                             _normalization(spec.get("normalizer")), bos=bos, eos=None, add_bos=bos is not None)
+                             _normalization(spec.get("normalizer")), bos=bos, eos=None, add_bos=bos is not None,
+                             control_ids=control)
 
 
 def _split_pattern(pre: dict | None) -> str:

@@ -91,7 +91,8 @@ def test_smollm2_matches_hf_tokenizers(smol, smol_hf):
     texts = SAMPLES + fuzz_strings(3000)
     for text, ref in zip(texts, smol_hf.encode_batch(texts)):
         assert smol.encode(text) == ref.ids, text
-        assert smol.decode(ref.ids) == smol_hf.decode(ref.ids, skip_special_tokens=False), text
+        assert smol.decode(ref.ids, skip_special=False) == smol_hf.decode(ref.ids, skip_special_tokens=False), text
+        assert smol.decode(ref.ids) == smol_hf.decode(ref.ids, skip_special_tokens=True), text
 
 
 def test_smollm2_bytes_missing_from_vocab(smol, smol_hf):
@@ -112,7 +113,7 @@ def test_smollm2_whole_token_lookup_is_harmless(smol_hf):
 
 def test_smollm2_round_trip(smol):
     for text in SAMPLES + fuzz_strings(300, seed=2):
-        assert smol.decode(smol.encode(text)) == text
+        assert smol.decode(smol.encode(text), skip_special=False) == text
 
 
 def test_stream_decode_holds_back_partial_characters(smol):
@@ -249,7 +250,8 @@ def test_llama3_style_tokenizer_json(tmp_path, llama3_hf):
     assert tok.add_bos and tok.bos_id == n
     for text, ref in zip(LLAMA3_TEXTS, llama3_hf.encode_batch(LLAMA3_TEXTS)):
         assert tok.encode(text) == ref.ids, text  # both with BOS
-        assert tok.decode(ref.ids) == llama3_hf.decode(ref.ids, skip_special_tokens=False)
+        assert tok.decode(ref.ids, skip_special=False) == llama3_hf.decode(ref.ids, skip_special_tokens=False)
+        assert tok.decode(ref.ids) == llama3_hf.decode(ref.ids, skip_special_tokens=True)
     assert {n + 1, n + 9} <= tok.stop_ids  # <|end_of_text|>, <|eot_id|>
     # A rendered chat template starts with the BOS text already: no second BOS unless asked for.
     assert tok.encode("<|begin_of_text|>hi") == tok.encode("hi")
@@ -273,7 +275,7 @@ def test_tiktoken_format_tokenizer_model(tmp_path, llama3_hf):
     assert tok.stop_ids == {n + 1, n + 9}
     for text, ref in zip(LLAMA3_TEXTS, llama3_hf.encode_batch(LLAMA3_TEXTS)):
         assert tok.encode(text) == ref.ids, text
-        assert tok.decode(tok.encode(text, bos=False)) == text
+        assert tok.decode(tok.encode(text, bos=False), skip_special=False) == text
 
     # With both files, tokenizer.json wins (this one knows no reserved special tokens).
     json_only = train_byte_level_bpe(T.LLAMA3_PATTERN, ["<|begin_of_text|>"])
@@ -318,7 +320,9 @@ def test_sentencepiece(sp_dir):
     assert tok.encode("<s>[INST] hi [/INST] ok</s>", bos=False) == (
         [sp.bos_id(), inst] + sp.encode("hi ") + [end_inst] + sp.encode("ok") + [sp.eos_id()])
     assert tok.encode("<s>x<unk>", bos=False) == [sp.bos_id()] + sp.encode("x") + [sp.unk_id()]
-    assert tok.decode([sp.bos_id(), inst] + sp.encode("hi") + [sp.eos_id()]) == "<s>[INST]hi</s>"
+    ids = [sp.bos_id(), inst] + sp.encode("hi") + [sp.eos_id()]
+    assert tok.decode(ids, skip_special=False) == "<s>[INST]hi</s>"
+    assert tok.decode(ids) == sp.decode(ids) == "hi"  # control pieces are markup, as sentencepiece itself says
     # Byte fallback: a character outside the vocab comes as UTF-8 bytes; streaming waits for the last one.
     ids = tok.encode("a 🦙 b", bos=False)
     assert any(sp.is_byte(i) for i in ids)
