@@ -1,4 +1,8 @@
-"""Wrong invocations of generate.py and convert_checkpoint.py: non-zero exit, one line on stderr, no traceback."""
+"""Wrong invocations of generate.py and convert_checkpoint.py: non-zero exit, one line on stderr, no traceback.
+
+The sweep calls each CLI's entry point in this process (an exception escaping it fails the test, as a
+traceback would); two cases also run as real processes, to prove the scripts behave the same there.
+"""
 import json
 import shutil
 import subprocess
@@ -8,6 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
+import convert_checkpoint
+import generate
 from generate import default_checkpoint
 from model import ModelArgs, Transformer
 
@@ -50,6 +56,9 @@ def edit_config(d, **fields):
 GENERATE_CASES = [
     ("missing-checkpoint", lambda c, t: ["--checkpoint", str(t / "nope")], "does not exist"),
     ("empty-dir", lambda c, t: ["--checkpoint", str(t)], "no config.json"),
+    ("checkpoint-is-a-weights-file", lambda c, t: ["--checkpoint", str(c / "model.safetensors")],
+     "is a safetensors weights file, not a model"),
+    ("hub-id-offline", lambda c, t: ["--checkpoint", "no-such-org/no-such-model"], "no-such-org/no-such-model"),
     ("no-weights", lambda c, t: ["--checkpoint", str(variant(c, t, lambda d: (d / "model.safetensors").unlink()))],
      "no model.safetensors"),
     ("garbage-weights", lambda c, t: ["--checkpoint", str(variant(
@@ -85,8 +94,8 @@ GENERATE_CASES = [
     ("top-k-zero", lambda c, t: ["--top-k", "0"], "must be >= 1"),
     ("prefill-chunk-zero", lambda c, t: ["--prefill-chunk", "0"], "must be >= 1"),
     ("budget-negative", lambda c, t: ["--gpu-kv-budget", "-1"], "must be >= 0"),
-    ("budget-too-small", lambda c, t: ["--checkpoint", str(c), "--offload", "head", "--gpu-kv-budget", "0"],
-     "would fit"),
+    ("budget-without-cuda", lambda c, t: ["--checkpoint", str(c), "--offload", "head", "--gpu-kv-budget", "0.5"],
+     "needs a CUDA device"),
     ("kv-exceeds-host-ram", lambda c, t: ["--checkpoint", str(variant(c, t, lambda d: edit_config(
         d, max_seq_len=10**12))), "--max-new-tokens", str(10**11)], "tokens would fit"),
     ("seed-text", lambda c, t: ["--seed", "abc"], "invalid int"),
@@ -118,6 +127,17 @@ def run(script, argv, **kw):
     return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120, **kw)
 
 
+def run_in_process(entry, argv, capsys):
+    """(exit code, stdout, stderr) of a CLI entry point called here."""
+    code = 0
+    try:
+        entry(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
 def assert_one_line_error(r, words):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr
@@ -126,24 +146,41 @@ def assert_one_line_error(r, words):
     assert words.lower() in lines[0].lower(), lines[0]
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.mark.parametrize("case", GENERATE_CASES, ids=[c[0] for c in GENERATE_CASES])
-def test_generate_bad_input(case, tiny_ckpt, tmp_path):
+def test_generate_bad_input(case, tiny_ckpt, tmp_path, capsys):
     _, argv, words = case
-    r = run("generate.py", argv(tiny_ckpt, tmp_path))
+    r = run_in_process(generate.cli, argv(tiny_ckpt, tmp_path), capsys)
     assert_one_line_error(r, words)
     assert r.stdout == ""
 
 
 @pytest.mark.parametrize("case", CONVERT_CASES, ids=[c[0] for c in CONVERT_CASES])
-def test_convert_bad_input(case, tmp_path):
+def test_convert_bad_input(case, tmp_path, capsys):
     _, argv, words = case
-    r = run("convert_checkpoint.py", argv(tmp_path), env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    r = run_in_process(convert_checkpoint.main, argv(tmp_path), capsys)
     assert_one_line_error(r, words)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
-def test_tiny_checkpoint_itself_runs(tiny_ckpt):
-    """The fixture is valid, so the failures above come from the one thing each case breaks."""
+def test_errors_point_at_the_flags_that_fix_them(tiny_ckpt, capsys):
+    """The Python API names its arguments; the CLI turns them into flags."""
+    r = run_in_process(generate.cli, ["--checkpoint", str(tiny_ckpt), "--gpu-kv-budget", "1"], capsys)
+    assert_one_line_error(r, "(see --gpu-kv-budget)")
+
+
+def test_the_real_scripts_behave_the_same(tiny_ckpt, tmp_path):
+    """The fixture is valid, so the failures above come from the one thing each case breaks; and the
+    scripts, run as processes, fail in one line with exit 1."""
     r = run("generate.py", ["--checkpoint", str(tiny_ckpt), "--prompt", "hello", "--max-new-tokens", "3"])
     assert r.returncode == 0, r.stderr
+    r = run("generate.py", ["--checkpoint", str(tmp_path / "nope")])
+    assert_one_line_error(r, "does not exist")
+    assert r.returncode == 1 and r.stdout == ""
+    r = run("convert_checkpoint.py", [str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert_one_line_error(r, "does not exist")

@@ -16,13 +16,14 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("policy", ["none", "head", "layer"])
-def test_compiled_decode_gives_eager_tokens_without_recompiling(policy):
+def test_compiled_decode_gives_eager_tokens_without_recompiling(policy, capsys):
     model = tiny_model(6, 3)
     prompt = torch.randint(0, model.args.vocab_size, (23,)).tolist()
     eager = generate(model, prompt, 24, offload=policy)
     # Any recompile (a new context length, a new cache in the next call) would raise here.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert generate(model, prompt, 24, offload=policy, compile=True) == eager
+        assert generate(model, prompt, 24, offload=policy, compile=True, progress=True) == eager
+        assert "compiling the decode step" in capsys.readouterr().err  # seconds of silence, explained
         assert generate(model, prompt[:11], 30, offload=policy, compile=True) == generate(model, prompt[:11], 30, offload=policy)
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -213,20 +212,10 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-try:
-    from tokenizer import tokenizer_files_from_gguf  # noqa: F401
-    HAVE_GGUF_TOKENIZER = True
-except ImportError:  # tokenizer.py is written separately; the weights are tested either way
-    HAVE_GGUF_TOKENIZER = False
-
-
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "ckpt"
-    with pytest.MonkeyPatch.context() as mp:
-        if not HAVE_GGUF_TOKENIZER:
-            mp.setitem(sys.modules, "tokenizer", types.SimpleNamespace(tokenizer_files_from_gguf=lambda r, d: None))
-        convert(smollm2_gguf(), out)
+    convert(smollm2_gguf(), out)
     return out
 
 
@@ -245,7 +234,6 @@ def test_gguf_smollm2(smollm2):
     assert torch.equal(emb[:100], torch.from_numpy(gguf.quants.dequantize(t.data[:100], t.tensor_type)))
 
 
-@pytest.mark.skipif(not HAVE_GGUF_TOKENIZER, reason="TOKENIZER-PENDING: tokenizer.tokenizer_files_from_gguf missing")
 def test_gguf_smollm2_tokenizer(smollm2):
     assert (smollm2 / "tokenizer.json").is_file() and (smollm2 / "tokenizer_config.json").is_file()
 

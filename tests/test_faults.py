@@ -43,8 +43,9 @@ def live_caches():
 def test_out_of_memory_names_the_phase_and_frees_the_cache(fail_at, phase):
     model = FaultyModel(tiny_model(4, 2), fail_at, torch.cuda.OutOfMemoryError)
     stats = {}
-    with pytest.raises(UsageError, match=f"out of GPU memory during {phase}.*--prefill-chunk"):
+    with pytest.raises(UsageError, match=f"out of GPU memory during {phase}.*prefill_chunk") as e:
         generate(model, list(range(20)), 10, offload="head", prefill_chunk=8, stats=stats)
+    assert e.value.options == ("prefill_chunk", "gpu_kv_budget")  # the CLI shows them as flags
     assert stats["interrupted"] and live_caches() == 0
 
 
