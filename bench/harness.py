@@ -11,9 +11,10 @@ from dataclasses import replace
 
 import torch
 
-from generate import decode_step, plan_kv
+from generate import decode_step
 from model import ModelArgs, Transformer, rope_inv_freq
-from offload import HeadOffloadCache, LayerOffloadCache, StandardCache, make_cache
+from offload import HeadOffloadCache, LayerOffloadCache, StandardCache
+from planner import make_cache, plan_cache
 
 K = 1024
 # A tiny shape for --dry-run and tests: every code path, in seconds on a CPU.
@@ -51,6 +52,18 @@ def parse_tokens(text: str) -> int:
 
 def fmt_tokens(n: int) -> str:
     return f"{n // (K * K)}M" if n % (K * K) == 0 else f"{n // K}K" if n % K == 0 else str(n)
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the kernels torch picks on it (AVX2, AVX512, ...): rounding and speed
+    differ with both."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        name = platform.processor() or "unknown"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 # --- model -----------------------------------------------------------------------------------------
@@ -98,7 +111,7 @@ def make_kv(name: str, model, max_len: int):
     if name == "head":
         return HeadOffloadCache(args, 1, max_len, dev, dtype, group_size=1, resident=0)
     if name == "head_budget":
-        return make_cache(plan_kv(args, max_len, dtype, dev, "head", None), args, dev, dtype)
+        return make_cache(plan_cache(args, max_len, dtype, dev, "head"), args)
     raise ValueError(f"unknown KV config {name!r}")
 
 
@@ -117,50 +130,33 @@ def longest_context(args: ModelArgs, dtype, host_budget: int, step: int) -> int:
 # --- fill_cache ------------------------------------------------------------------------------------
 
 def _tile(cache, layer: int, which: int, seed: int, block: int):
-    """[B, block, n_kv, D] random values for one layer's K (which=0) or V (which=1), made on the compute
+    """[B, n_kv, block, D] random values for one layer's K (which=0) or V (which=1), made on the compute
     device from a seed of (seed, layer, which): every policy gets the same values for the same slot."""
     a = cache.args
     g = torch.Generator(cache.device).manual_seed(seed * 1_000_003 + 2 * layer + which)
-    x = torch.randn(cache.batch, block, a.n_kv_head, a.head_dim, generator=g, device=cache.device)
+    x = torch.randn(cache.batch, a.n_kv_head, block, a.head_dim, generator=g, device=cache.device)
     return x.to(cache.dtype)
-
-
-def _destinations(cache, layer: int, which: int):
-    """(tensor [B, max_len, heads, D], first head, last head + 1) for every place layer's K or V lives."""
-    if isinstance(cache, HeadOffloadCache):
-        res, store = (cache.res_k, cache.store_k) if which == 0 else (cache.res_v, cache.store_v)
-        if cache.resident[layer]:
-            yield res[layer], 0, cache.resident[layer]
-        for unit in cache.units_of_layer[layer]:
-            _, h0, h1 = cache.units[unit]
-            yield store[unit], h0, h1
-    elif isinstance(cache, StandardCache):
-        yield (cache.k if which == 0 else cache.v)[layer], 0, cache.args.n_kv_head
-    else:
-        raise TypeError(f"fill_cache does not know {type(cache).__name__}")
 
 
 @torch.no_grad()
 def fill_cache(cache, length: int, seed: int = 0, block: int = 1024, copy_tokens: int = 65536):
-    """Write random K/V for positions [0, length) and set cache.length, as if a prompt had been prefilled.
+    """Write random K/V for positions [0, length) through the cache's public `write`, as if a prompt
+    had been prefilled; every policy and grouping gets the same values.
 
-    Position p holds the random tile's row p % block: one small tile per layer is drawn and tile-copied,
-    because drawing 100 GB of random numbers (or writing them from the CPU) would take minutes. Copies
-    go from the device (D2H into pinned stores at DMA speed), in pieces of up to copy_tokens positions.
+    Position p holds row p % block of one random tile per layer: drawing 100 GB of random numbers (or
+    writing them from the CPU) would take minutes. Each write covers up to copy_tokens positions of
+    every layer, made on the compute device (D2H into pinned stores at DMA speed).
     """
     if not 0 <= length <= cache.max_len:
         raise ValueError(f"cannot fill {length} positions of a {cache.max_len}-token cache")
-    for layer in range(cache.args.n_layer):
-        for which in (0, 1):
-            tile = _tile(cache, layer, which, seed, block)
-            for dst, h0, h1 in _destinations(cache, layer, which):
-                src = tile[:, :, h0:h1]
-                src = src.repeat(1, max(1, min(length, copy_tokens) // block), 1, 1)  # period stays `block`
-                for s in range(0, length, src.shape[1]):
-                    e = min(s + src.shape[1], length)
-                    dst[:, s:e].copy_(src[:, : e - s], non_blocking=True)
+    tiles = [[_tile(cache, layer, which, seed, block) for which in (0, 1)] for layer in range(cache.args.n_layer)]
+    reps = max(1, min(length, copy_tokens) // block)  # whole tiles per write, so the period stays `block`
+    cache.truncate(0)
+    for s in range(0, length, reps * block):
+        n = min(reps * block, length - s)
+        for layer, (k, v) in enumerate(tiles):  # every layer at s, so the length reaches s + n
+            cache.write(layer, s, k.repeat(1, 1, reps, 1)[:, :, :n], v.repeat(1, 1, reps, 1)[:, :, :n])
     sync(cache.device)
-    cache.length = length
 
 
 # --- timing and memory -----------------------------------------------------------------------------
@@ -211,7 +207,7 @@ def attempt(device, fn) -> dict:
     except (RuntimeError, ValueError) as e:  # pinned allocation failures, plan refusals, full caches
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         row = {"error": "oom" if "out of memory" in msg.lower() else msg[:300]}
-    except Exception as e:  # generate.UsageError (plan_kv) and anything unforeseen: recorded, not fatal
+    except Exception as e:  # UsageError (plan_cache) and anything unforeseen: recorded, not fatal
         row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     release(device)
     if "error" in row:
@@ -234,7 +230,7 @@ def prefill_run(model, cache, chunk: int, seed: int = 0) -> dict:
             model(ids[:, s:e], torch.arange(s, e, device=dev), cache, last_only=True)
 
     _, seconds = timed(dev, run)
-    return dict(seconds=seconds, chunk=chunk, kv_gpu_bytes=cache.kv_bytes_gpu, kv_cpu_bytes=cache.kv_bytes_cpu,
+    return dict(seconds=seconds, chunk=chunk, kv_gpu_bytes=cache.gpu_bytes, kv_cpu_bytes=cache.host_bytes,
                 **cache_layout(cache), **peak(dev))
 
 
@@ -269,7 +265,6 @@ def context_run(model, cache, chunk: int, target_s: float, max_steps: int, seed:
     _, seconds = timed(dev, lambda: steps(n))
     # Bytes streamed per step: the CPU stores' share of the context at the middle of the timed steps.
     mid = start + chunk + WARMUP_STEPS + 1 + n / 2
-    store = sum(t.nbytes for t in getattr(cache, "store_k", []) + getattr(cache, "store_v", []))
     return dict(s_per_token=seconds / n, steps=n, chunk=chunk, chunk_s=chunk_s, fill_s=fill_s, decode_from=start + chunk,
-                streamed_bytes_per_token=int(store * mid / L), kv_gpu_bytes=cache.kv_bytes_gpu,
-                kv_cpu_bytes=cache.kv_bytes_cpu, **cache_layout(cache), **peak(dev))
+                streamed_bytes_per_token=int(cache.store_bytes * mid / L), kv_gpu_bytes=cache.gpu_bytes,
+                kv_cpu_bytes=cache.host_bytes, **cache_layout(cache), **peak(dev))

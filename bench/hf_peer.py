@@ -1,6 +1,6 @@
 """The peer: Hugging Face transformers' offloaded KV cache on the same shape, decode s/token.
 
-transformers is a benchmark peer only (DESIGN.md: never a run-time dependency), imported here alone.
+transformers is a benchmark peer only (never a run-time dependency of this project), imported here alone.
 Its offloaded cache (what `generate(..., cache_implementation="offloaded")` builds) keeps whole
 layers in CPU RAM, prefetches layer l+1 while layer l computes, and copies each layer back after
 appending the new token: every step moves the whole KV to the GPU and back.

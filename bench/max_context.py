@@ -1,6 +1,6 @@
 """The longest context each policy reaches under a GPU memory cap (paper Tables 3 and 5, RTX 4090: 24 GB).
 
-The parent predicts each policy's limit with offload.plan_memory and verifies it here, one process per
+The parent predicts each policy's limit with planner.plan_memory and verifies it here, one process per
 policy: the memory fraction is per process, and after an OOM only a fresh process is surely clean.
 Verifying means allocating the cache, filling it, one real prefill chunk (the whole prompt for
 `standard`) and a few real decode steps at that length.
@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import the repo's modules and the bench package
@@ -20,9 +21,10 @@ if __name__ == "__main__":  # run as a script: import the repo's modules and the
 
 import torch
 
-from generate import DEFAULT_PREFILL_CHUNK, activation_reserve
+from errors import UsageError
+from generate import DEFAULT_PREFILL_CHUNK
 from model import ModelArgs
-from offload import PlanError, make_cache, plan_memory
+from planner import activation_reserve, make_cache, plan_memory
 
 from bench.harness import DRY_ARGS, attempt, build_model, context_run, weights_bytes
 
@@ -32,10 +34,10 @@ VERIFY_STEPS = 3
 
 def plan_for(args, dtype, policy, n, cap, weights, host_budget, chunk):
     """What generate.py would plan on a GPU of `cap` bytes: KV gets what weights and one chunk's
-    activations leave (the whole prompt's for `standard`). Raises PlanError when n does not fit."""
+    activations leave (the whole prompt's for `standard`). Raises UsageError when n does not fit."""
     budget = cap - weights - activation_reserve(args, dtype, n if policy == "standard" else chunk)
     if budget <= 0:
-        raise PlanError("weights and activations alone exceed the cap")
+        raise UsageError("weights and activations alone exceed the cap")
     offload = "none" if policy in ("standard", "chunked") else policy
     return plan_memory(args, n, dtype, offload, gpu_budget=budget, host_available=host_budget)
 
@@ -44,11 +46,11 @@ def limit(args, dtype, policy, n, cap, weights, host_budget, chunk):
     """None if n tokens fit, else what runs out first: 'gpu' or 'host'."""
     try:
         plan = plan_for(args, dtype, policy, n, cap, weights, None, chunk)
-    except PlanError:
+    except UsageError:
         return "gpu"
-    if plan.kv_bytes_cpu == 0:
+    if plan.store_bytes == 0:
         return None
-    if plan.kv_bytes_cpu > host_budget:
+    if plan.store_bytes > host_budget:
         return "host"
     return None
 
@@ -119,7 +121,7 @@ def worker(opts) -> dict:
     def run():
         t0 = time.perf_counter()
         plan = plan_for(args, dtype, opts.policy, opts.tokens, opts.cap, weights, opts.host_budget, opts.chunk)
-        cache = make_cache(plan, args, device, dtype)
+        cache = make_cache(replace(plan, device=str(device)), args)  # the dry run puts the GPU's plan on the CPU
         alloc_s = time.perf_counter() - t0
         chunk = opts.tokens if opts.policy == "standard" else opts.chunk
         r = context_run(model, cache, chunk, target_s=0.0, max_steps=VERIFY_STEPS)

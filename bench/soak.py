@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.harness import cpu_model  # noqa: E402
 from generate import generate, load_model, resolve_device  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and the ships she guided through the storms."
@@ -67,7 +68,8 @@ def main():
                    if len(after) > 1 and device.type == "cuda" else None)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "offload": opts.offload, "prompt_tokens": len(prompt), "new_tokens": steps,
         "decode_tok_s": stats["decode_tok_s"], "warmup_steps": opts.warmup,
         "rss_growth_after_warmup_bytes": rss_growth, "cuda_growth_after_warmup_bytes": cuda_growth,
