@@ -351,15 +351,15 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     max_new_tokens = min(max_new_tokens, args.max_seq_len - len(prompt_ids))
     chunk = prefill_chunk or default_prefill_chunk(device)
     plan = plan_cache(args, len(prompt_ids) + max_new_tokens, dtype, device, offload, gpu_kv_budget, chunk)
-    if progress:
-        print(plan.describe(), file=sys.stderr)
-        if compile:
-            print("compiling the decode step: its first run takes seconds to a minute", file=sys.stderr)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock, new_ids, cache, steps, failure = Stopwatch(device), [], None, None, None
-    try:
+    try:  # from here on, a Ctrl-C or an OOM still fills `stats`
+        if progress:
+            print(plan.describe(), file=sys.stderr)
+            if compile:
+                print("compiling the decode step: its first run takes seconds to a minute", file=sys.stderr)
         cache = make_cache(plan, args)
         clock.phase = "prefill"
         logits = prefill(model, cache, prompt_ids, chunk, progress)

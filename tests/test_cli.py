@@ -73,10 +73,15 @@ def test_help_gives_every_flag_a_line_and_its_default(capsys):
     assert r.stdout.count("default") >= len(flags)
 
 
-def test_the_readme_python_example_prints_clean_text(capsys):
-    """It once printed `... Paris.<|im_end|>`: decode now leaves control tokens out."""
+def test_the_readme_python_examples_run_and_print_clean_text(capsys):
+    """The first once printed `... Paris.<|im_end|>`: decode now leaves control tokens out. The second
+    continues the first with the pieces (plan, cache, prefill, decode)."""
     readme = (ROOT / "README.md").read_text()
-    example = re.search(r"### Python\n\n```python\n(.*?)```", readme, re.S).group(1)
-    exec(compile(example, "README.md", "exec"), {})
-    out = capsys.readouterr().out
-    assert "Paris" in out and "<|" not in out
+    section = readme[readme.index("### Python"):readme.index("## Layout")]
+    examples = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(examples) == 2
+    namespace = {}
+    for example in examples:
+        exec(compile(example, "README.md", "exec"), namespace)
+        out = capsys.readouterr().out
+        assert "Paris" in out and "<|" not in out

@@ -60,12 +60,19 @@ def test_ctrl_c_during_decode_keeps_tokens_and_stats():
     assert live_caches() == 0
 
 
+def cli_process(*argv):
+    """generate.py as a terminal would start it. A shell that ran this suite as a background job may have
+    set SIGINT to ignored, which children inherit and which stops Python from installing its Ctrl-C
+    handler; a user's Ctrl-C reaches a process whose SIGINT is at its default."""
+    return subprocess.Popen([sys.executable, "generate.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 @pytest.mark.slow
 @pytest.mark.default_model
 def test_sigint_to_the_cli_exits_130_with_partial_output():
-    proc = subprocess.Popen([sys.executable, "generate.py", "--prompt", "Tell me a very long story.", "--chat",
-                             "--max-new-tokens", "3000", "--offload", "head"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = cli_process("--prompt", "Tell me a very long story.", "--max-new-tokens", "3000", "--offload", "head")
     try:
         first = proc.stdout.read(1)  # decoding has started once text streams
         proc.send_signal(signal.SIGINT)
@@ -80,9 +87,7 @@ def test_sigint_to_the_cli_exits_130_with_partial_output():
 @pytest.mark.slow
 @pytest.mark.default_model
 def test_sigint_with_json_still_prints_the_json():
-    proc = subprocess.Popen([sys.executable, "generate.py", "--prompt", "Tell me a very long story.", "--chat",
-                             "--max-new-tokens", "3000", "--json"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = cli_process("--prompt", "Tell me a very long story.", "--max-new-tokens", "3000", "--json")
     try:
         for line in proc.stderr:  # the plan is printed right before generation starts
             if line.startswith("plan:"):
