@@ -26,6 +26,7 @@ from time import perf_counter
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from errors import UsageError
 from model import ModelArgs, Transformer, rope_inv_freq
@@ -104,7 +105,7 @@ def _conversion_dir(source) -> Path:
     if isinstance(source, Path):
         source = source.resolve()
         files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
-        key = str(source) + "".join(f"|{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        key = str(source) + "".join(f"|{p.name}:{st.st_size}:{st.st_mtime_ns}" for p in files for st in [p.stat()])
         name = source.stem if source.is_file() else source.name
     else:  # a hub id
         key, name = source, source.replace("/", "--")
@@ -197,7 +198,6 @@ def prefill(model: Transformer, cache, prompt_ids, chunk: int | None = None, pro
     if T < 1 or chunk < 1:
         raise UsageError("the prompt is empty" if T < 1 else f"prefill_chunk must be >= 1, got {chunk}",
                          () if T < 1 else ("prefill_chunk",))
-    from tqdm import tqdm
     with tqdm(total=T, desc="prefill", unit="tok", file=sys.stderr, disable=not progress,
               delay=PROGRESS_DELAY_S) as bar:
         for s in range(0, T, chunk):
