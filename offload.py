@@ -104,15 +104,17 @@ class KVCache:
 
     # --- the public surface: a layer's K/V rows in one layout, whatever the policy -----------------
 
-    def read(self, layer: int, start: int = 0, end: int | None = None) -> tuple[Tensor, Tensor]:
-        """Copies of K and V for positions [start, end) of `layer`, each [B, n_kv_head, end - start, D]
-        on the cache's device (end defaults to the length)."""
+    def read(self, layer: int, start: int = 0, end: int | None = None, device=None) -> tuple[Tensor, Tensor]:
+        """Copies of K and V for positions [start, end) of `layer`, each [B, n_kv_head, end - start, D],
+        on `device` (default: the cache's; "cpu" takes the stored rows without a round trip through
+        the GPU). end defaults to the length."""
         end = self.length if end is None else end
         if not 0 <= start <= end <= self.length:
             raise ValueError(f"cannot read positions [{start}, {end}) of a cache holding {self.length}")
         self._settle()
         shape = (self.batch, self.args.n_kv_head, end - start, self.args.head_dim)
-        k, v = (torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(2))
+        device = self.device if device is None else torch.device(device)
+        k, v = (torch.empty(shape, device=device, dtype=self.dtype) for _ in range(2))
         for k_part, v_part, h0, h1 in self._parts(layer):
             k[:, h0:h1] = k_part[:, start:end].transpose(1, 2)
             v[:, h0:h1] = v_part[:, start:end].transpose(1, 2)

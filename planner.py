@@ -204,15 +204,18 @@ def plan_cache(args: ModelArgs, max_len: int, dtype, device, policy: str, gpu_kv
 
 
 def make_cache(plan: Plan, args: ModelArgs) -> KVCache:
-    """Allocate the cache a plan describes; running out of GPU memory or of lockable host memory here
-    is reported in one line with the plan."""
+    """Allocate the cache a plan describes (it keeps the plan as `cache.plan`); running out of GPU
+    memory or of lockable host memory here is reported in one line with the plan."""
     try:
         if plan.policy == "none":
-            return StandardCache(args, plan.batch, plan.max_len, plan.device, plan.dtype)
-        if plan.policy == "layer":
-            return LayerOffloadCache(args, plan.batch, plan.max_len, plan.device, plan.dtype)
-        return HeadOffloadCache(args, plan.batch, plan.max_len, plan.device, plan.dtype, plan.group_size,
-                                plan.resident_slots)
+            cache = StandardCache(args, plan.batch, plan.max_len, plan.device, plan.dtype)
+        elif plan.policy == "layer":
+            cache = LayerOffloadCache(args, plan.batch, plan.max_len, plan.device, plan.dtype)
+        else:
+            cache = HeadOffloadCache(args, plan.batch, plan.max_len, plan.device, plan.dtype, plan.group_size,
+                                     plan.resident_slots)
+        cache.plan = plan
+        return cache
     except torch.cuda.OutOfMemoryError:
         raise UsageError(f"out of GPU memory allocating the KV cache ({plan.describe()}); a smaller GPU KV budget "
                          f"would leave more room", ("gpu_kv_budget",)) from None
