@@ -2,6 +2,8 @@
 
     python generate.py                                   # the embedded SmolLM2-135M-Instruct answers a question
     python generate.py --checkpoint DIR --prompt-file long.txt --offload head --max-new-tokens 64
+    python generate.py --prompt-file book.txt --prompt "Who is the narrator?" --prompt-cache book.kv  # KV kept on disk
+    python generate.py -i --prompt-file book.txt         # a chat about the book: each turn prefills only itself
 
 Python:
     from generate import load_model, generate
@@ -28,9 +30,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from chat import interactive, prompt_text
 from errors import UsageError
 from model import ModelArgs, Transformer, rope_inv_freq
 from planner import POLICIES, check_fits, fmt_bytes, make_cache, plan_cache
+from prompt_cache import UnusablePromptCache, check_prompt_cache_path, load_prompt_cache, save_prompt_cache
 from tokenizer import load_tokenizer
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -320,49 +324,79 @@ class Stopwatch:
         return dict(prefill_s=self.prefill_s, first_step_s=self.first_step_s, decode_tok_s=self.decode_tok_s)
 
 
-def check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk):
+def check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk, ctx_size=None):
     """Refuse, before any work, what generate() cannot do."""
     if not prompt_ids:
         raise UsageError("the prompt is empty", ("prompt",))
     for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 1),
-                             ("prefill_chunk", prefill_chunk, 1), ("temperature", temperature, 0)):
+                             ("prefill_chunk", prefill_chunk, 1), ("temperature", temperature, 0),
+                             ("ctx_size", ctx_size, 2)):
         if value is not None and not value >= low:
             raise UsageError(f"{name} must be >= {low}, got {value}", (name,))
-    if len(prompt_ids) >= model.args.max_seq_len:
-        raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the model's max_seq_len is "
-                         f"{model.args.max_seq_len}", ("prompt",))
+    limit, name = (model.args.max_seq_len, "the model's max_seq_len") if ctx_size is None else (ctx_size, "ctx_size")
+    if ctx_size is not None and ctx_size > model.args.max_seq_len:
+        raise UsageError(f"ctx_size {ctx_size} exceeds the model's max_seq_len {model.args.max_seq_len}", ("ctx_size",))
+    if len(prompt_ids) >= limit:
+        raise UsageError(f"the prompt has {len(prompt_ids)} tokens; {name} is {limit}",
+                         ("prompt",) if ctx_size is None else ("prompt", "ctx_size"))
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, offload: str = "head",
              temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
              prefill_chunk: int | None = None, gpu_kv_budget: float | None = None, compile: bool = False,
-             stop_ids=(), on_token=None, stats: dict | None = None, progress: bool = False) -> list[int]:
+             stop_ids=(), on_token=None, stats: dict | None = None, progress: bool = False,
+             ctx_size: int | None = None, cache=None, prompt_cache=None, prompt_cache_ro: bool = False) -> list[int]:
     """Prefill the prompt in chunks, then decode up to max_new_tokens; returns the new token ids.
 
     offload: none | layer | head. gpu_kv_budget: GiB of KV the GPU may hold (default: what is free
-    after the weights; CUDA only). prefill_chunk: default 8192 on CUDA, 512 on the CPU. Generation
-    stops after a token in stop_ids (that token is returned too). on_token(id) is called for each new
-    token as soon as it is known; `stats`, if given, is filled with timings, memory and the cache plan,
-    also when the run fails or is interrupted. progress: the plan and progress on stderr.
+    after the weights; CUDA only). prefill_chunk: default 8192 on CUDA, 512 on the CPU. ctx_size:
+    tokens the cache is planned for (default: the prompt plus max_new_tokens). Generation stops after
+    a token in stop_ids (that token is returned too). on_token(id) is called for each new token as
+    soon as it is known; `stats`, if given, is filled with timings, memory and the cache plan, also
+    when the run fails or is interrupted. progress: the plan and progress bars on stderr.
+
+    cache: continue this cache (from planner.make_cache) instead of planning one: it holds a prefix
+    of prompt_ids (a conversation so far), only the rest is prefilled, and it outlives the call.
+    stats["reused_tokens"]: the prompt positions that were not computed (loaded, or already held).
+    prompt_cache: a file (prompt_cache.py): the KV of the longest common prefix of its tokens and
+    prompt_ids is loaded instead of computed (a file that cannot be used is said so in one line on
+    stderr, and ignored), and after the answer the prompt's KV is written back unless
+    prompt_cache_ro. With a cache of your own, it must be empty.
     """
-    check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk)
+    check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk, ctx_size)
+    if prompt_cache is not None:
+        check_prompt_cache_path(prompt_cache, prompt_cache_ro)
     args, device, dtype = model.args, model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
-    max_new_tokens = min(max_new_tokens, args.max_seq_len - len(prompt_ids))
     chunk = prefill_chunk or default_prefill_chunk(device)
-    plan = plan_cache(args, len(prompt_ids) + max_new_tokens, dtype, device, offload, gpu_kv_budget, chunk)
+    if cache is None:
+        max_new_tokens = min(max_new_tokens, (ctx_size or args.max_seq_len) - len(prompt_ids))
+        plan = plan_cache(args, ctx_size or len(prompt_ids) + max_new_tokens, dtype, device, offload,
+                          gpu_kv_budget, chunk)
+    else:
+        if cache.length >= len(prompt_ids):
+            raise UsageError(f"the cache holds {cache.length} positions; the prompt must go beyond them, it has "
+                             f"{len(prompt_ids)} tokens", ("prompt",))
+        if len(prompt_ids) >= cache.max_len:
+            raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the cache holds at most {cache.max_len}",
+                             ("ctx_size",))
+        plan, offload = cache.plan, cache.plan.policy
+        max_new_tokens = min(max_new_tokens, cache.max_len - len(prompt_ids))
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    clock, new_ids, cache, steps, failure = Stopwatch(device), [], None, None, None
+    clock, new_ids, steps, failure, reused = Stopwatch(device), [], None, None, 0
     try:  # from here on, a Ctrl-C or an OOM still fills `stats`
-        if progress:
-            print(plan.describe(), file=sys.stderr)
-            if compile:
-                print("compiling the decode step: its first run takes seconds to a minute", file=sys.stderr)
-        cache = make_cache(plan, args)
+        if cache is None:
+            if progress:
+                print(plan.describe(), file=sys.stderr)
+            cache = make_cache(plan, args)
+        if compile and progress:
+            print("compiling the decode step: its first run takes seconds to a minute", file=sys.stderr)
         clock.phase = "prefill"
-        logits = prefill(model, cache, prompt_ids, chunk, progress)
+        stored = load_or_note(cache, prompt_cache, model, prompt_ids, progress)[1] if prompt_cache is not None else 0
+        reused = cache.length  # from the file, or the conversation so far
+        logits = prefill(model, cache, prompt_ids[cache.length:], chunk, progress)
         steps = decode(model, cache, logits, max_new_tokens, temperature, top_k, generator, compile)
         for token in steps:
             new_ids.append(token)
@@ -372,24 +406,53 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
             if token in stop_ids:
                 break
         clock.stop(cache)
+        if prompt_cache is not None and not prompt_cache_ro and (reused, stored) != (len(prompt_ids) - 1, len(prompt_ids)):
+            clock.phase = "saving"  # the answer is complete; a Ctrl-C now leaves the old file as it was
+            save_or_warn(cache, prompt_cache, model, prompt_ids, progress)
         clock.phase = "done"
     except (torch.cuda.OutOfMemoryError, KeyboardInterrupt) as e:
         failure = type(e)  # raised below, once this block has dropped the traceback that holds the cache
     finally:
         if stats is not None:  # the stats so far, also when interrupted (Ctrl-C) or out of memory
-            if clock.phase != "done":
+            if clock.phase in ("allocation", "prefill", "decode"):
                 clock.stop(cache)
-            stats.update(prompt_tokens=len(prompt_ids), **clock.as_dict(),
+            stats.update(prompt_tokens=len(prompt_ids), reused_tokens=reused, **clock.as_dict(),
                          peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                          kv_bytes_gpu=plan.gpu_bytes, kv_bytes_cpu=plan.host_bytes, offload=offload,
                          plan=plan.as_dict(), interrupted=clock.phase != "done")
-        cache = steps = None  # free the cache (and its pinned store) even while a traceback holds this frame
+        cache = steps = None  # free a cache made here (and its pinned store) even while a traceback holds this frame
     if failure is KeyboardInterrupt:
         raise KeyboardInterrupt
     if failure is not None:
         raise UsageError(f"out of GPU memory during {clock.phase} ({plan.describe()}); a smaller prefill_chunk "
                          f"(now {chunk}) or gpu_kv_budget leaves more room", ("prefill_chunk", "gpu_kv_budget"))
     return new_ids
+
+
+def load_or_note(cache, path, model, prompt_ids, progress) -> tuple[int, int]:
+    """load_prompt_cache, or one line on stderr saying why the file is not used, and nothing loaded."""
+    try:
+        reused, stored = load_prompt_cache(cache, path, model, prompt_ids, progress)
+    except UnusablePromptCache as e:
+        print(f"note: prompt cache {path} not used: {e}; it is computed again", file=sys.stderr)
+        return 0, 0
+    if progress:
+        print(f"prompt cache {path}: " + (f"{reused} of {len(prompt_ids)} prompt tokens reused" if stored else
+                                          "none yet; it is written after this run"), file=sys.stderr)
+    return reused, stored
+
+
+def save_or_warn(cache, path, model, prompt_ids, progress):
+    """save_prompt_cache; when the disk is full or the write fails, one line on stderr and the old file
+    as it was: the answer has been given, only the next run's reuse is lost."""
+    try:
+        t0 = perf_counter()
+        size = save_prompt_cache(cache, path, model, prompt_ids, progress)
+        if progress:
+            print(f"prompt cache {path}: {len(prompt_ids)} tokens saved ({fmt_bytes(size)} in "
+                  f"{perf_counter() - t0:.2f} s)", file=sys.stderr)
+    except UsageError as e:
+        print(f"warning: {e}", file=sys.stderr)
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -425,9 +488,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint", metavar="SRC",
                    help="a converted checkpoint dir, a Hugging Face model dir, a .gguf file or a hub id (the last "
                         "three are converted once into ~/.cache/headinfer; default: the embedded SmolLM2-135M-Instruct)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help=f"the prompt text (default: {DEFAULT_PROMPT!r})")
-    src.add_argument("--prompt-file", type=Path, metavar="FILE", help="read the prompt from a UTF-8 file; - reads stdin (default: --prompt)")
+    p.add_argument("--prompt", help=f"the prompt text; after --prompt-file, the question about that file "
+                                    f"(default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt-file", type=Path, metavar="FILE",
+                   help="read the prompt from a UTF-8 file, - reads stdin; with --prompt, the file (a document) "
+                        "comes first and --prompt is the question (default: none)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: on when the checkpoint has one)")
     p.add_argument("--max-new-tokens", type=positive_int, default=200, metavar="N",
@@ -445,6 +510,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
                    help=f"prompt tokens per prefill pass (default: {DEFAULT_PREFILL_CHUNK} on CUDA, "
                         f"{CPU_PREFILL_CHUNK} on CPU)")
+    p.add_argument("--prompt-cache", type=Path, metavar="FILE",
+                   help="KV cache on disk: reuse the longest common prefix of its tokens and the prompt's, prefill "
+                        "only the rest, then write the prompt's KV back to FILE (default: none)")
+    p.add_argument("--prompt-cache-ro", action="store_true",
+                   help="read --prompt-cache but never write it (default: off)")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="chat: one user turn per stdin line, the KV cache kept across turns; --prompt-file opens "
+                        "the conversation, --prompt is the first question; /reset clears it, /exit or EOF ends "
+                        "(default: off)")
+    p.add_argument("--ctx-size", type=positive_int, default=None, metavar="N",
+                   help="tokens the KV cache is planned for (default: the prompt plus --max-new-tokens; with -i "
+                        "the model's max_seq_len)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step; the first step then takes up to a minute (default: off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
@@ -459,31 +536,41 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def read_prompt(opts) -> str:
+def read_prompt_file(opts) -> str | None:
     if opts.prompt_file is None:
-        return DEFAULT_PROMPT if opts.prompt is None else opts.prompt
+        return None
     name = "stdin" if str(opts.prompt_file) == "-" else f"prompt file {opts.prompt_file}"
     try:
         data = sys.stdin.buffer.read() if str(opts.prompt_file) == "-" else opts.prompt_file.read_bytes()
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"{name} does not exist", ("prompt_file",)) from None
     except UnicodeDecodeError:
         raise UsageError(f"{name} is not UTF-8 text", ("prompt_file",)) from None
     except OSError as e:
         raise UsageError(f"cannot read {name}: {e.strerror}", ("prompt_file",)) from None
+    if not text.strip():
+        raise UsageError(f"the prompt is empty ({name} holds no text)", ("prompt_file",))
+    return text
 
 
 def main(argv=None):
     opts = parse_args(argv)
+    if opts.prompt_cache_ro and opts.prompt_cache is None:
+        raise UsageError("--prompt-cache-ro makes sense only with a prompt cache", ("prompt_cache",))
+    if opts.interactive and str(opts.prompt_file) == "-":
+        raise UsageError("with --interactive, stdin carries the turns; give the opening document as a file",
+                         ("prompt_file",))
+    if opts.prompt is not None and not opts.prompt.strip():
+        raise UsageError("the prompt is empty", ("prompt",))
+    if opts.prompt_cache is not None:
+        check_prompt_cache_path(opts.prompt_cache, opts.prompt_cache_ro)
     device = resolve_device(opts.device)
     dtype = DTYPES[opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     offload = opts.offload or ("head" if device.type == "cuda" else "none")
     if offload != "none" and device.type != "cuda":
         print(f"note: no CUDA device; --offload {offload} runs its CPU path (same algorithm, no streams)", file=sys.stderr)
-    text = read_prompt(opts)
-    if not text.strip():
-        raise UsageError("the prompt is empty", ("prompt",))
+    document = read_prompt_file(opts)
 
     model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype)
     if tokenizer is None:
@@ -491,39 +578,51 @@ def main(argv=None):
     chat = tokenizer.chat_template is not None if opts.chat is None else opts.chat
     if chat and tokenizer.chat_template is None:
         raise UsageError(f"{opts.checkpoint} has no chat template; drop --chat")
-    if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    if opts.interactive:
+        return interactive(model, tokenizer, opts, chat, offload, opening=document or "", first_question=opts.prompt)
+    if document is not None and opts.prompt is not None:  # a document, then the question about it
+        text = prompt_text(tokenizer, chat, opts.prompt, opening=document)
+    else:
+        text = prompt_text(tokenizer, chat, document if document is not None else opts.prompt or DEFAULT_PROMPT)
     prompt_ids = tokenizer.encode(text)
 
-    new_ids, stream, stats = [], tokenizer.decode_stream(), {}
-
-    def on_token(token_id):
-        new_ids.append(token_id)
-        if not opts.json:
-            print(stream.add([token_id]), end="", flush=True)
-
+    answer, stats = Answer(tokenizer, show=not opts.json), {}
     try:
         generate(model, prompt_ids, opts.max_new_tokens, offload=offload, temperature=opts.temperature,
                  top_k=opts.top_k, seed=opts.seed, prefill_chunk=opts.prefill_chunk,
                  gpu_kv_budget=opts.gpu_kv_budget, compile=opts.compile, stop_ids=tokenizer.stop_ids,
-                 on_token=on_token, stats=stats, progress=True)
+                 on_token=answer.add, stats=stats, progress=True, ctx_size=opts.ctx_size,
+                 prompt_cache=opts.prompt_cache, prompt_cache_ro=opts.prompt_cache_ro)
     finally:  # also on Ctrl-C: what was generated stays printed, with the stats so far
-        report(opts, tokenizer, new_ids, stream, stats)
+        report(opts, tokenizer, answer, stats)
 
 
-def report(opts, tokenizer, new_ids, stream, stats):
+class Answer:
+    """The new ids of an answer, and (show) its text on stdout as it comes, whole characters only."""
+
+    def __init__(self, tokenizer, show: bool):
+        self.ids, self.stream, self.show = [], tokenizer.decode_stream(), show
+
+    def add(self, token_id: int):
+        self.ids.append(token_id)
+        if self.show:
+            print(self.stream.add([token_id]), end="", flush=True)
+
+
+def report(opts, tokenizer, answer: Answer, stats):
     if not stats:  # failed before generation started
         return
-    text = tokenizer.decode(new_ids)
+    new_ids, text = answer.ids, tokenizer.decode(answer.ids)
     if not opts.json:
-        print(text[len(stream.text):], flush=True)  # what the stream held back (a split character)
+        print(text[len(answer.stream.text):], flush=True)  # what the stream held back (a split character)
     if stats["interrupted"]:
         print("interrupted", file=sys.stderr)
     prefill = f"{stats['prefill_s']:.2f} s" if stats["prefill_s"] is not None else "unfinished"
     first = f", first step {stats['first_step_s']:.2f} s" if stats["first_step_s"] is not None else ""
     rate = f", then {stats['decode_tok_s']:.1f} tok/s" if stats["decode_tok_s"] else ""
     peak = f", peak GPU {fmt_bytes(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
-    print(f"prompt {stats['prompt_tokens']} tokens, prefill {prefill}, {len(new_ids)} new tokens{first}{rate}; "
+    reused = f" ({stats['reused_tokens']} reused)" if stats["reused_tokens"] else ""
+    print(f"prompt {stats['prompt_tokens']} tokens{reused}, prefill {prefill}, {len(new_ids)} new tokens{first}{rate}; "
           f"offload={stats['offload']}, KV {fmt_bytes(stats['kv_bytes_gpu'])} on GPU / "
           f"{fmt_bytes(stats['kv_bytes_cpu'])} in host RAM{peak}", file=sys.stderr)
     if opts.json:

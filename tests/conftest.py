@@ -1,4 +1,5 @@
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -16,3 +17,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_cuda)
         if "default_model" in item.keywords and not HAS_DEFAULT_MODEL:
             item.add_marker(no_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A converted checkpoint with random weights and the default model's tokenizer (ChatML template),
+    max_seq_len 256: what the CLI tests run (tests using it are marked default_model)."""
+    from safetensors.torch import save_file
+
+    from generate import default_checkpoint
+    from model import ModelArgs, Transformer
+
+    out = tmp_path_factory.mktemp("tiny")
+    args = ModelArgs(dim=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=8, intermediate_size=64,
+                     vocab_size=49152, max_seq_len=256, rope_base=10000.0, tie_word_embeddings=True)
+    args.to_json(out / "config.json")
+    torch.manual_seed(0)
+    save_file(Transformer(args).state_dict(), out / "model.safetensors")
+    for f in default_checkpoint().glob("tokenizer*"):
+        shutil.copy(f, out)
+    return out

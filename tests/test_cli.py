@@ -73,15 +73,20 @@ def test_help_gives_every_flag_a_line_and_its_default(capsys):
     assert r.stdout.count("default") >= len(flags)
 
 
-def test_the_readme_python_examples_run_and_print_clean_text(capsys):
+def test_the_readme_python_examples_run_and_print_clean_text(capsys, tmp_path, monkeypatch):
     """The first once printed `... Paris.<|im_end|>`: decode now leaves control tokens out. The second
-    continues the first with the pieces (plan, cache, prefill, decode)."""
+    continues the first with the pieces (plan, cache, prefill, decode); the third saves and loads a
+    prompt cache: run twice, the second run loads all but the last prompt token."""
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Python"):readme.index("## Layout")]
     examples = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(examples) == 2
+    assert len(examples) == 3
+    monkeypatch.chdir(tmp_path)  # book.kv is written here
     namespace = {}
-    for example in examples:
+    for example in examples[:2]:
         exec(compile(example, "README.md", "exec"), namespace)
         out = capsys.readouterr().out
         assert "Paris" in out and "<|" not in out
+    for expected in (0, len(namespace["ids"]) - 1):
+        exec(compile(examples[2], "README.md", "exec"), namespace)
+        assert namespace["reused"] == expected and (tmp_path / "book.kv").exists()

@@ -10,28 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
 
 import convert_checkpoint
 import generate
-from generate import default_checkpoint
-from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.default_model  # the tiny checkpoint borrows the default model's tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A converted checkpoint with random weights and the default model's tokenizer, max_seq_len 64."""
-    out = tmp_path_factory.mktemp("tiny")
-    args = ModelArgs(dim=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=8, intermediate_size=64,
-                     vocab_size=49152, max_seq_len=64, rope_base=10000.0, tie_word_embeddings=True)
-    args.to_json(out / "config.json")
-    save_file(Transformer(args).state_dict(), out / "model.safetensors")
-    for f in default_checkpoint().glob("tokenizer*"):
-        shutil.copy(f, out)
-    return out
 
 
 def variant(tiny_ckpt, tmp_path, change):
@@ -82,8 +66,19 @@ GENERATE_CASES = [
     ("prompt-file-not-utf8", lambda c, t: ["--checkpoint", str(c), "--prompt-file", str(
         (t / "latin1.txt", (t / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1")))[0])], "not UTF-8"),
     ("prompt-file-is-dir", lambda c, t: ["--checkpoint", str(c), "--prompt-file", str(t)], "cannot read"),
-    ("prompt-too-long", lambda c, t: ["--checkpoint", str(c), "--prompt", "word " * 100], "max_seq_len"),
-    ("prompt-and-prompt-file", lambda c, t: ["--prompt", "a", "--prompt-file", "b"], "not allowed with"),
+    ("prompt-file-blank", lambda c, t: ["--checkpoint", str(c), "--prompt-file", str(
+        (t / "blank.txt", (t / "blank.txt").write_text(" \n"))[0])], "prompt is empty"),
+    ("prompt-too-long", lambda c, t: ["--checkpoint", str(c), "--prompt", "word " * 300], "max_seq_len"),
+    ("prompt-beyond-ctx-size", lambda c, t: ["--checkpoint", str(c), "--prompt", "word " * 30, "--ctx-size", "20"],
+     "ctx_size is 20"),
+    ("ctx-size-beyond-model", lambda c, t: ["--checkpoint", str(c), "--ctx-size", "1000"], "exceeds the model's"),
+    ("ctx-size-zero", lambda c, t: ["--ctx-size", "0"], "must be >= 1"),
+    ("interactive-ctx-beyond-model", lambda c, t: ["--checkpoint", str(c), "-i", "--ctx-size", "1000"],
+     "exceeds the model's"),
+    ("interactive-opening-from-stdin", lambda c, t: ["-i", "--prompt-file", "-"], "stdin carries the turns"),
+    ("prompt-cache-ro-alone", lambda c, t: ["--prompt-cache-ro"], "only with a prompt cache"),
+    ("prompt-cache-is-dir", lambda c, t: ["--prompt-cache", str(t)], "is a directory"),
+    ("prompt-cache-dir-missing", lambda c, t: ["--prompt-cache", str(t / "no" / "p.kv")], "not a directory"),
     ("max-new-tokens-zero", lambda c, t: ["--max-new-tokens", "0"], "must be >= 1"),
     ("max-new-tokens-negative", lambda c, t: ["--max-new-tokens", "-3"], "must be >= 1"),
     ("max-new-tokens-text", lambda c, t: ["--max-new-tokens", "many"], "expected an integer"),
