@@ -83,3 +83,16 @@ def test_fill_cache_gives_every_policy_the_same_cache():
     other = StandardCache(args, 1, max_len, "cpu", torch.float32)
     fill_cache(other, length, seed=6)
     assert not torch.equal(other.read(0)[0], k0)  # the seed matters
+
+
+def test_prompt_cache_bench_dry_run(tmp_path):
+    """Every path of bench/prompt_cache.py's io rows on a tiny model: it checks itself that a loaded
+    cache gives the cold run's next token, and records MB/s for save and both loads."""
+    out = tmp_path / "pc.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "prompt_cache.py"), "--dry-run", "--out", str(out)],
+                       capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())["io"]
+    assert [r["policy"] for r in rows] == ["none", "head"]
+    for r in rows:
+        assert r["file_bytes"] > 0 and min(r["save_mb_s"], r["load_disk_mb_s"], r["load_page_cache_mb_s"]) > 0
