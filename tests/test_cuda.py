@@ -132,3 +132,36 @@ def test_gpu_memory_does_not_grow_with_context_under_head_offload():
         assert peaks[context] <= weights + budget + 1.5 * GiB, (context, peaks[context] / GiB)
         del cache
     assert peaks[131_072] - peaks[32_768] <= 256 * 2**20  # beyond the budget, nothing grows with context
+
+
+@torch.no_grad()
+def test_a_prompt_cache_moves_between_gpu_layouts_and_the_cpu(tmp_path):
+    """Written from a head cache with resident slots and a pinned store, loaded bit for bit into the
+    standard cache, a streamed-only head cache and a CPU cache; reuse answers as the cold run does."""
+    from generate import prefill
+    from planner import make_cache
+    from prompt_cache import load_prompt_cache, save_prompt_cache
+
+    args = ModelArgs(dim=256, n_layer=4, n_head=8, n_kv_head=2, head_dim=32, intermediate_size=512,
+                     vocab_size=1000, max_seq_len=4096)
+    torch.manual_seed(0)
+    model = random_model(args, std=0.05)
+    ids = torch.randint(0, args.vocab_size, (1200,)).tolist()
+    layout = dict(policy="head", dtype=torch.bfloat16, device="cuda", group_size=1)
+    source = make_cache(plan_memory(args, 1300, resident=3, **layout), args)
+    prefill(model, source, ids, chunk=512)
+    save_prompt_cache(source, tmp_path / "p.kv", model, ids)
+    targets = [plan_memory(args, 1300, torch.bfloat16, "none", "cuda"), plan_memory(args, 1300, resident=0, **layout),
+               plan_memory(args, 1300, torch.bfloat16, "none", "cpu")]
+    for plan in targets:
+        cache = make_cache(plan, args)
+        assert load_prompt_cache(cache, tmp_path / "p.kv", model, ids) == (1199, 1200)
+        for layer in range(args.n_layer):
+            for a, b in zip(source.read(layer, 0, 1199, device="cpu"), cache.read(layer, device="cpu")):
+                assert torch.equal(a, b)
+    # 1024 shared tokens: the rest starts where the cold run's third chunk does (bf16 rounds too coarsely
+    # to ask for the same tokens across different chunk boundaries).
+    question = ids[:1024] + [(t + 1) % args.vocab_size for t in ids[1024:1074]]
+    assert generate(model, question, 32, offload="head", gpu_kv_budget=0.001, prefill_chunk=512,
+                    prompt_cache=tmp_path / "p.kv") == generate(model, question, 32, offload="head",
+                                                                  gpu_kv_budget=0.001, prefill_chunk=512)
