@@ -44,8 +44,8 @@ class Conversation:
 
     def __init__(self, tokenizer, chat: bool, opening: str = ""):
         self.tokenizer = tokenizer
-        self.first_head, self.first_tail, self.next_head, self.next_tail = turn_parts(tokenizer, chat, opening)
-        self.ids = tokenizer.encode(self.first_head) if self.first_head else []  # the opening (BOS included)
+        opening_text, self.first_tail, self.next_head, self.next_tail = turn_parts(tokenizer, chat, opening)
+        self.ids = tokenizer.encode(opening_text) if opening_text else []  # the opening (BOS included)
         self.opening, self.turns = len(self.ids), 0
 
     def ask(self, question: str) -> list[int]:
@@ -75,12 +75,13 @@ def interactive(model, tokenizer, opts, chat: bool, offload: str, opening: str, 
     """The CLI's chat session. The cache is planned once for opts.ctx_size tokens (default: the model's
     max_seq_len); the opening is prefilled (and taken from / saved to the prompt cache) before the
     first question; a turn that would pass ctx_size is refused, and the session goes on."""
-    from generate import Answer, default_prefill_chunk, generate, load_or_note, prefill, report, save_or_warn
+    from generate import (Answer, check_ctx_size, default_prefill_chunk, generate, load_or_note, prefill, report,
+                          save_or_warn)
+    from prompt_cache import up_to_date
 
     args, device, dtype = model.args, model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     ctx = opts.ctx_size or args.max_seq_len
-    if ctx > args.max_seq_len:
-        raise UsageError(f"ctx_size {ctx} exceeds the model's max_seq_len {args.max_seq_len}", ("ctx_size",))
+    check_ctx_size(args, ctx)
     conv = Conversation(tokenizer, chat, opening)
     if len(conv.ids) >= ctx:
         raise UsageError(f"the opening has {len(conv.ids)} tokens; ctx_size is {ctx}", ("prompt_file", "ctx_size"))
@@ -95,7 +96,7 @@ def interactive(model, tokenizer, opts, chat: bool, offload: str, opening: str, 
         reused, stored = load_or_note(cache, opts.prompt_cache, model, conv.ids, True) if opts.prompt_cache else (0, 0)
         with torch.no_grad():
             prefill(model, cache, conv.ids[cache.length:], chunk, progress=True)
-        if opts.prompt_cache and not opts.prompt_cache_ro and (reused, stored) != (len(conv.ids) - 1, len(conv.ids)):
+        if opts.prompt_cache and not opts.prompt_cache_ro and not up_to_date(reused, stored, conv.ids):
             save_or_warn(cache, opts.prompt_cache, model, conv.ids, True)
         print(f"opening: {len(conv.ids)} tokens ({reused} from the prompt cache); ask away (/reset, /exit)",
               file=sys.stderr)

@@ -34,7 +34,8 @@ from chat import interactive, prompt_text
 from errors import UsageError
 from model import ModelArgs, Transformer, rope_inv_freq
 from planner import POLICIES, check_fits, fmt_bytes, make_cache, plan_cache
-from prompt_cache import UnusablePromptCache, check_prompt_cache_path, load_prompt_cache, save_prompt_cache
+from prompt_cache import (UnusablePromptCache, check_prompt_cache_path, load_prompt_cache, save_prompt_cache,
+                          up_to_date)
 from tokenizer import load_tokenizer
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -334,11 +335,16 @@ def check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill
         if value is not None and not value >= low:
             raise UsageError(f"{name} must be >= {low}, got {value}", (name,))
     limit, name = (model.args.max_seq_len, "the model's max_seq_len") if ctx_size is None else (ctx_size, "ctx_size")
-    if ctx_size is not None and ctx_size > model.args.max_seq_len:
-        raise UsageError(f"ctx_size {ctx_size} exceeds the model's max_seq_len {model.args.max_seq_len}", ("ctx_size",))
+    if ctx_size is not None:
+        check_ctx_size(model.args, ctx_size)
     if len(prompt_ids) >= limit:
         raise UsageError(f"the prompt has {len(prompt_ids)} tokens; {name} is {limit}",
                          ("prompt",) if ctx_size is None else ("prompt", "ctx_size"))
+
+
+def check_ctx_size(args: ModelArgs, ctx_size: int):
+    if ctx_size > args.max_seq_len:
+        raise UsageError(f"ctx_size {ctx_size} exceeds the model's max_seq_len {args.max_seq_len}", ("ctx_size",))
 
 
 @torch.no_grad()
@@ -406,7 +412,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
             if token in stop_ids:
                 break
         clock.stop(cache)
-        if prompt_cache is not None and not prompt_cache_ro and (reused, stored) != (len(prompt_ids) - 1, len(prompt_ids)):
+        if prompt_cache is not None and not prompt_cache_ro and not up_to_date(reused, stored, prompt_ids):
             clock.phase = "saving"  # the answer is complete; a Ctrl-C now leaves the old file as it was
             save_or_warn(cache, prompt_cache, model, prompt_ids, progress)
         clock.phase = "done"

@@ -157,6 +157,12 @@ def _load_rows(f, cache, crcs: dict, reused: int, progress: bool):
             bar.update(min(block, reused - start))
 
 
+def up_to_date(reused: int, stored: int, ids) -> bool:
+    """After load_prompt_cache returned (reused, stored): the file holds `ids` up to their last token
+    (which a load never takes), so writing `ids` again would not let a later run reuse more of them."""
+    return (reused, stored) == (len(ids) - 1, len(ids))
+
+
 # --- saving -------------------------------------------------------------------------------------
 
 def save_prompt_cache(cache, path, model, ids, progress: bool = False) -> int:
