@@ -131,9 +131,9 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (HF layout) on x [B, T, H, D] with cos/sin [T, D/2] in fp32."""
+    """Rotate-half RoPE (HF layout) on x [B, T, H, D] with cos/sin [T, D/2] or [B, T, D/2] in fp32."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # one angle for every head
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
@@ -208,12 +208,13 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, cache, last_only: bool = False) -> Tensor:
-        """tokens [B, T] at positions input_pos [T]; returns logits [B, T or 1, vocab] in fp32.
+        """tokens [B, T] at positions input_pos [T] (every row alike) or [B, T] (each row its own, as
+        when questions of different lengths are decoded together); returns logits [B, T or 1, vocab] in fp32.
 
         `last_only` keeps just the last position's logits: during chunked prefill the full
         [T, vocab] logits would be the largest activation of all.
         """
-        angles = input_pos.float()[:, None] * self.inv_freq[None, :]
+        angles = input_pos.float()[..., None] * self.inv_freq
         cos, sin = angles.cos(), angles.sin()
         x = self.tok_embeddings(tokens)
         for block in self.layers:

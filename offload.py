@@ -14,7 +14,9 @@ q over everything stored so far (causal, the query block aligned to the end of t
 The cache owns its position: it advances by T once the last layer has attended. Besides attention,
 every cache offers the same small surface for code that keeps a cache beyond one call: `length`,
 `read` and `write` of a layer's K/V rows in one canonical layout ([B, n_kv_head, T, D]), and
-`truncate`. Which memory (planning) a cache gets is planner.py's business.
+`truncate`. A batch-1 cache can also be the shared prefix of many sequences: `attend_shared` attends
+their queries over it without storing anything (shared_prefix.py). Which memory (planning) a cache
+gets is planner.py's business.
 """
 import weakref
 
@@ -60,6 +62,55 @@ def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.stack(outs, dim=2).flatten(1, 2)
 
 
+# Keys per block of shared_attention: its fp32 scores [queries, block] and the block's fp32 K and V
+# stay within this size each (a few of them fit in the planner's activation margin, at any context).
+SHARED_BLOCK_BYTES = 32 << 20
+
+
+def shared_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention of B sequences' queries q [B, Hq, T, D] over one prefix they all share, k/v [1, Hk, S, D],
+    without a mask (every query comes after the whole prefix). Returns the output [B, Hq, T, D] and the
+    log-sum-exp of the scores [B, Hq, T], both fp32, which merge() needs to add the rest of each sequence.
+
+    All queries of a KV head go into one matrix product, so the prefix's K/V are read once for all B
+    sequences (the point of decoding many questions together). SDPA returns no log-sum-exp, so this is
+    written out, in fp32, over blocks of keys merged as they come (bounded memory at any S).
+    """
+    Hk = k.shape[1]
+    if q.device.type == "cpu" and Hk > 1:  # one KV head per call, as attention() does: equal sums for every policy
+        rep = q.shape[1] // Hk
+        parts = [_shared_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1]) for h in range(Hk)]
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([l for _, l in parts], dim=1)
+    return _shared_attention(q, k, v)
+
+
+def _shared_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    B, Hq, T, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    rep = Hq // Hk
+    queries = (q.float() * D ** -0.5).reshape(B, Hk, rep * T, D).transpose(0, 1).reshape(Hk, B * rep * T, D)
+    block = max(256, SHARED_BLOCK_BYTES // (4 * Hk * max(queries.shape[1], D)))
+    out = lse = None
+    for s in range(0, S, block):
+        scores = queries @ k[0, :, s:s + block].float().mT  # [Hk, B * rep * T, block]
+        top = scores.amax(dim=-1, keepdim=True)
+        weights = scores.sub_(top).exp_()  # one exp per score: a softmax written out, not logsumexp + exp
+        total = weights.sum(dim=-1, keepdim=True)
+        block_out = (weights @ v[0, :, s:s + block].float()).div_(total)
+        block_lse = (top + total.log()).squeeze(-1)
+        out, lse = (block_out, block_lse) if out is None else merge(out, lse, block_out, block_lse)
+    out = out.view(Hk, B, rep * T, D).transpose(0, 1).reshape(B, Hq, T, D)
+    return out, lse.view(Hk, B, rep * T).transpose(0, 1).reshape(B, Hq, T)
+
+
+def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over keys A and B from attention over each: softmax weights rescaled by log-sum-exp
+    (the flash-attention / cascade-inference identity; exact up to rounding). An lse of -inf (no key
+    at all on that side) weighs its side 0, provided its output is finite."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None], lse
+
+
 def _lower_right(T: int, S: int) -> Tensor:
     # causal_lower_right(T, S) goes through the legacy Tensor constructor, which allocates an unused
     # [2, T, S] fp32 host tensor (64 GiB for an 8K chunk at 1M tokens, per call). SDPA dispatches on
@@ -100,6 +151,11 @@ class KVCache:
         return out
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def attend_shared(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
+        """shared_attention of q [B, n_head, T, D] over everything this batch-1 cache holds, storing
+        nothing: the cache is the shared prefix of B sequences (shared_prefix.py)."""
         raise NotImplementedError
 
     # --- the public surface: a layer's K/V rows in one layout, whatever the policy -----------------
@@ -171,6 +227,10 @@ class StandardCache(KVCache):
         self.k[layer, :, start:end] = k.transpose(1, 2)
         self.v[layer, :, start:end] = v.transpose(1, 2)
         return attention(q, self.k[layer, :, :end].transpose(1, 2), self.v[layer, :, :end].transpose(1, 2))
+
+    def attend_shared(self, layer, q):
+        n = self.length
+        return shared_attention(q, self.k[layer, :, :n].transpose(1, 2), self.v[layer, :, :n].transpose(1, 2))
 
     def _parts(self, layer):
         yield self.k[layer], self.v[layer], 0, self.args.n_kv_head
@@ -261,33 +321,54 @@ class HeadOffloadCache(KVCache):
             self.res_v[layer][:, start:end] = v[:, :, :r]
             outs.append(attention(q[:, : r * self.rep], self.res_k[layer][:, :end].transpose(1, 2),
                                   self.res_v[layer][:, :end].transpose(1, 2)))
+        for h0, h1, buf_k, buf_v in self._streamed(layer, k, v):
+            outs.append(attention(q[:, h0 * self.rep: h1 * self.rep], buf_k, buf_v))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def attend_shared(self, layer, q):
+        outs = []
+        r, n = self.resident[layer], self.length
+        if r:
+            outs.append(shared_attention(q[:, : r * self.rep], self.res_k[layer][:, :n].transpose(1, 2),
+                                         self.res_v[layer][:, :n].transpose(1, 2)))
+        for h0, h1, buf_k, buf_v in self._streamed(layer):
+            outs.append(shared_attention(q[:, h0 * self.rep: h1 * self.rep], buf_k, buf_v))
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
+
+    def _streamed(self, layer, k=None, v=None):
+        """Yield (first head, last head + 1, K, V) for each streamed group of `layer`, K/V [B, g, S, D] in
+        a device buffer: the stored rows, then the new rows k/v ([B, T, n_kv, D]; none for a read-only
+        pass). Between two yields the caller attends; the new rows then go back to the store."""
+        start = self.length
+        end = start + (0 if k is None else k.shape[1])
         for unit in self.units_of_layer[layer]:
             _, h0, h1 = self.units[unit]
             b = self.tick % 2
             if self.in_flight != (self.tick, unit, start):
                 self._prefetch(self.tick, unit, start)
             last = unit + 1 == len(self.units)
-            if not last:  # keep the pipeline one unit ahead: this copy overlaps the attention below
+            if not last:  # keep the pipeline one unit ahead: this copy overlaps the caller's attention
                 self._prefetch(self.tick + 1, unit + 1, start)
             _wait(self.copied[b], self.device)
             buf_k, buf_v = self._view(self.buf_k[b], unit, end), self._view(self.buf_v[b], unit, end)
-            buf_k[:, start:end] = k[:, :, h0:h1]
-            buf_v[:, start:end] = v[:, :, h0:h1]
-            outs.append(attention(q[:, h0 * self.rep: h1 * self.rep], buf_k.transpose(1, 2), buf_v.transpose(1, 2)))
+            if k is not None:
+                buf_k[:, start:end] = k[:, :, h0:h1]
+                buf_v[:, start:end] = v[:, :, h0:h1]
+            yield h0, h1, buf_k.transpose(1, 2), buf_v.transpose(1, 2)
             _record(self.consumed[b], device=self.device)
-            # Only the new tokens go back to the CPU store, copied from the buffer (not from the
-            # short-lived k/v, whose memory the allocator could hand out again meanwhile).
-            with _on(self.copy_stream):
-                if self.copy_stream is not None:
-                    self.copy_stream.wait_event(self.consumed[b])
-                for i in range(self.batch):
-                    self.store_k[unit][i, start:end].copy_(buf_k[i, start:end], non_blocking=True)
-                    self.store_v[unit][i, start:end].copy_(buf_v[i, start:end], non_blocking=True)
-                _record(self.consumed[b], self.copy_stream)
+            if k is not None:
+                # Only the new tokens go back to the CPU store, copied from the buffer (not from the
+                # short-lived k/v, whose memory the allocator could hand out again meanwhile).
+                with _on(self.copy_stream):
+                    if self.copy_stream is not None:
+                        self.copy_stream.wait_event(self.consumed[b])
+                    for i in range(self.batch):
+                        self.store_k[unit][i, start:end].copy_(buf_k[i, start:end], non_blocking=True)
+                        self.store_v[unit][i, start:end].copy_(buf_v[i, start:end], non_blocking=True)
+                    _record(self.consumed[b], self.copy_stream)
             if last:  # the next step's first unit, after this step's new rows are in its store
                 self._prefetch(self.tick + 1, 0, end)
             self.tick += 1
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _parts(self, layer):
         if self.resident[layer]:
