@@ -4,6 +4,7 @@
     python generate.py --checkpoint DIR --prompt-file long.txt --offload head --max-new-tokens 64
     python generate.py --prompt-file book.txt --prompt "Who is the narrator?" --prompt-cache book.kv  # KV kept on disk
     python generate.py -i --prompt-file book.txt         # a chat about the book: each turn prefills only itself
+    python generate.py --prompt-file book.txt --questions-file qs.txt   # many questions, decoded together
 
 Python:
     from generate import load_model, generate
@@ -14,6 +15,9 @@ The pieces compose for a cache that outlives one call (planner.py plans and allo
     cache = make_cache(plan_cache(model.args, max_len, dtype, device, "head"), model.args)
     logits = prefill(model, cache, prompt_ids)           # appends to whatever the cache holds
     for token in decode(model, cache, logits, 64): ...
+
+Many questions about one document: generate_many(model, doc_ids, [q1_ids, q2_ids, ...], 64), or its
+pieces SharedPrefixCache (shared_prefix.py), prefill_questions and decode_many.
 """
 import argparse
 import hashlib
@@ -36,6 +40,7 @@ from model import ModelArgs, Transformer, rope_inv_freq
 from planner import POLICIES, check_fits, fmt_bytes, make_cache, plan_cache
 from prompt_cache import (UnusablePromptCache, check_prompt_cache_path, load_prompt_cache, save_prompt_cache,
                           up_to_date)
+from shared_prefix import SharedPrefixCache
 from tokenizer import load_tokenizer
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -275,6 +280,52 @@ def decode(model: Transformer, cache, logits: Tensor, max_new_tokens: int, tempe
             token = next_token(token)
 
 
+# --- the pieces for many questions over one shared prefix (shared_prefix.py) ---------------------
+
+@torch.no_grad()
+def prefill_questions(model: Transformer, cache: SharedPrefixCache, questions: list[list[int]],
+                      chunk: int | None = None) -> Tensor:
+    """Append each question's ids to its own part of `cache`, all questions in each pass, `chunk` slots
+    per pass; returns each question's last logits [B, vocab]. Shorter questions are left-padded (with
+    id 0, never attended to), so that every question's last token is in the same slot."""
+    device = model.tok_embeddings.weight.device
+    longest = max(map(len, questions))
+    if cache.length or [longest - len(q) for q in questions] != cache.first.tolist():
+        raise ValueError("prefill_questions needs an empty SharedPrefixCache made for these questions' lengths")
+    tokens = torch.tensor([[0] * (longest - len(q)) + list(q) for q in questions], device=device)
+    chunk = chunk or default_prefill_chunk(device)
+    for s in range(0, longest, chunk):
+        e = min(s + chunk, longest)
+        logits = model(tokens[:, s:e], cache.positions(e - s), cache, last_only=True)
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def decode_many(model: Transformer, cache: SharedPrefixCache, logits: Tensor, max_new_tokens: int,
+                temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
+                stop_ids=()) -> Iterator[list[tuple[int, int]]]:
+    """Yield, step by step, the new token of every question still answering as (question, id) pairs:
+    the first ones sampled from `logits`, each next ones from one decode step of all of them together.
+    A question ends after a token in stop_ids (that token is yielded) and its row leaves the cache, so
+    it costs nothing more. Each step reads its tokens on the host, to know which rows to drop."""
+    room = cache.max_len - cache.length + 1  # the last token is never fed back
+    if max_new_tokens > room:
+        raise UsageError(f"the cache has room for {room} more tokens, not max_new_tokens={max_new_tokens}",
+                         ("max_new_tokens",))
+    stop, rows = set(stop_ids), list(range(cache.batch))  # rows[i]: the question in row i of the cache
+    token = sample(logits, temperature, top_k, generator)
+    for i in range(max_new_tokens):
+        ids = token[:, 0].tolist()
+        yield list(zip(rows, ids))
+        keep = [r for r, t in enumerate(ids) if t not in stop]
+        if i + 1 == max_new_tokens or not keep:
+            return
+        if len(keep) < len(rows):
+            cache.keep(keep)
+            token, rows = token[keep], [rows[r] for r in keep]
+        token = sample(decode_step(model, token, cache.positions(1), cache), temperature, top_k, generator)
+
+
 def _to_host(token: Tensor):
     """Start copying a token to the host. `.item()` would wait for the whole stream, including the
     step queued after the token; an event on a pinned copy waits for the token alone."""
@@ -297,29 +348,29 @@ def _read(pending) -> int:
 class Stopwatch:
     """The timings in `stats`. prefill_s: from the start until the first token is known (allocation
     and prefill). first_step_s: the first decode step alone (compilation included). decode_tok_s: the
-    decode steps after it per second, counted on the cache, which a GPU runs a step ahead of the host."""
+    tokens decoded after it per second. `done` counts the tokens decoded so far: generate() counts
+    them on the cache, which a GPU runs a step ahead of the host."""
 
     def __init__(self, device: torch.device):
         self.device, self.start, self.phase = device, perf_counter(), "allocation"
         self.prefill_s = self.first_step_s = self.decode_tok_s = None
-        self.tokens, self.steady_from = 0, None  # (time, cache length) once the first step is done
+        self.steps, self.steady_from = 0, None  # (time, tokens done) once the first step is done
 
-    def token(self, cache):
+    def step(self, done: int):
         now = perf_counter()
-        self.tokens += 1
-        if self.tokens == 1:
+        self.steps += 1
+        if self.steps == 1:
             self.prefill_s, self.phase = now - self.start, "decode"
-        elif self.tokens == 2:
+        elif self.steps == 2:
             self.first_step_s = now - self.start - self.prefill_s
-            self.steady_from = (now, cache.length)
+            self.steady_from = (now, done)
 
-    def stop(self, cache):
+    def stop(self, done: int | None):
         if self.device.type == "cuda" and self.phase == "decode":
             torch.cuda.synchronize(self.device)
-        if self.steady_from is not None and cache is not None:
-            t, length = self.steady_from
-            steps = cache.length - length
-            self.decode_tok_s = steps / (perf_counter() - t) if steps else None
+        if self.steady_from is not None and done is not None:
+            t, before = self.steady_from
+            self.decode_tok_s = (done - before) / (perf_counter() - t) if done > before else None
 
     def as_dict(self) -> dict:
         return dict(prefill_s=self.prefill_s, first_step_s=self.first_step_s, decode_tok_s=self.decode_tok_s)
@@ -386,7 +437,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
         if len(prompt_ids) >= cache.max_len:
             raise UsageError(f"the prompt has {len(prompt_ids)} tokens; the cache holds at most {cache.max_len}",
                              ("ctx_size",))
-        plan, offload = cache.plan, cache.plan.policy
+        plan = cache.plan
         max_new_tokens = min(max_new_tokens, cache.max_len - len(prompt_ids))
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     if device.type == "cuda":
@@ -406,12 +457,12 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
         steps = decode(model, cache, logits, max_new_tokens, temperature, top_k, generator, compile)
         for token in steps:
             new_ids.append(token)
-            clock.token(cache)
+            clock.step(cache.length)
             if on_token is not None:
                 on_token(token)
             if token in stop_ids:
                 break
-        clock.stop(cache)
+        clock.stop(cache.length)
         if prompt_cache is not None and not prompt_cache_ro and not up_to_date(reused, stored, prompt_ids):
             clock.phase = "saving"  # the answer is complete; a Ctrl-C now leaves the old file as it was
             save_or_warn(cache, prompt_cache, model, prompt_ids, progress)
@@ -421,18 +472,113 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     finally:
         if stats is not None:  # the stats so far, also when interrupted (Ctrl-C) or out of memory
             if clock.phase in ("allocation", "prefill", "decode"):
-                clock.stop(cache)
-            stats.update(prompt_tokens=len(prompt_ids), reused_tokens=reused, **clock.as_dict(),
-                         peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                         kv_bytes_gpu=plan.gpu_bytes, kv_bytes_cpu=plan.host_bytes, offload=offload,
-                         plan=plan.as_dict(), interrupted=clock.phase != "done")
+                clock.stop(cache.length if cache is not None else None)
+            stats.update(prompt_tokens=len(prompt_ids), reused_tokens=reused, **run_stats(clock, plan))
         cache = steps = None  # free a cache made here (and its pinned store) even while a traceback holds this frame
+    reraise(failure, clock, plan, chunk)
+    return new_ids
+
+
+def run_stats(clock: Stopwatch, plan) -> dict:
+    device = clock.device
+    return dict(**clock.as_dict(),
+                peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                kv_bytes_gpu=plan.gpu_bytes, kv_bytes_cpu=plan.host_bytes, offload=plan.policy, plan=plan.as_dict(),
+                interrupted=clock.phase != "done")
+
+
+def reraise(failure, clock: Stopwatch, plan, chunk: int):
+    """A Ctrl-C again, once the caches are freed; running out of GPU memory as one line with its fixes."""
     if failure is KeyboardInterrupt:
         raise KeyboardInterrupt
     if failure is not None:
         raise UsageError(f"out of GPU memory during {clock.phase} ({plan.describe()}); a smaller prefill_chunk "
                          f"(now {chunk}) or gpu_kv_budget leaves more room", ("prefill_chunk", "gpu_kv_budget"))
-    return new_ids
+
+
+@torch.no_grad()
+def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list[int]], max_new_tokens: int,
+                  offload: str = "head", temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
+                  prefill_chunk: int | None = None, gpu_kv_budget: float | None = None, stop_ids=(), on_token=None,
+                  stats: dict | None = None, progress: bool = False, prompt_cache=None,
+                  prompt_cache_ro: bool = False) -> list[list[int]]:
+    """Many questions about one document: each of the B `suffixes` (token ids) continues `prefix_ids`;
+    returns B lists of new ids, each the answer generate(model, prefix_ids + suffix, ...) gives greedily.
+
+    The prefix is prefilled once into one cache of the `offload` policy (and taken from, then written
+    to, `prompt_cache` as generate() does); each question's tokens and answer live in a small cache on
+    the device; every decode step answers all questions at once, reading the prefix's KV once for all
+    of them (shared_prefix.py). max_new_tokens is per question. on_token(question, id) is called for
+    each new token. stats: as generate() fills it, decode_tok_s counting the tokens of every question,
+    answer_tokens the count per question. Sampling (temperature > 0) is reproducible with a seed, but
+    does not draw what B separate generate() calls would.
+    """
+    check_questions(model, prefix_ids, suffixes)
+    check_request(model, prefix_ids, max_new_tokens, temperature, top_k, prefill_chunk)
+    if prompt_cache is not None:
+        check_prompt_cache_path(prompt_cache, prompt_cache_ro)
+    args, device, dtype = model.args, model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    chunk = prefill_chunk or default_prefill_chunk(device)
+    longest = max(map(len, suffixes))
+    max_new_tokens = min(max_new_tokens, args.max_seq_len - len(prefix_ids) - longest)
+    plan = plan_cache(args, len(prefix_ids), dtype, device, offload, gpu_kv_budget, chunk,
+                      questions=(len(suffixes), longest, max_new_tokens - 1))  # the last token is never fed back
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock, answers, failure, reused = Stopwatch(device), [[] for _ in suffixes], None, 0
+    cache = together = steps = None
+    try:  # from here on, a Ctrl-C or an OOM still fills `stats`
+        if progress:
+            print(f"{plan.describe()}; {len(suffixes)} questions of up to {longest} tokens on top", file=sys.stderr)
+        cache = make_cache(plan, args)
+        clock.phase = "prefill"
+        stored = load_or_note(cache, prompt_cache, model, prefix_ids, progress)[1] if prompt_cache is not None else 0
+        reused = cache.length
+        prefill(model, cache, prefix_ids[cache.length:], chunk, progress)
+        together = SharedPrefixCache(cache, [len(q) for q in suffixes], max_new_tokens - 1)
+        logits = prefill_questions(model, together, suffixes, chunk)
+        steps = decode_many(model, together, logits, max_new_tokens, temperature, top_k, generator, stop_ids)
+        with tqdm(total=max_new_tokens, desc=f"{len(suffixes)} answers", unit="step", file=sys.stderr,
+                  disable=not progress, delay=PROGRESS_DELAY_S) as bar:
+            for step in steps:
+                for question, token in step:
+                    answers[question].append(token)
+                    if on_token is not None:
+                        on_token(question, token)
+                clock.step(sum(map(len, answers)))
+                bar.update()
+        clock.stop(sum(map(len, answers)))
+        if prompt_cache is not None and not prompt_cache_ro and not up_to_date(reused, stored, prefix_ids):
+            clock.phase = "saving"
+            save_or_warn(cache, prompt_cache, model, prefix_ids, progress)
+        clock.phase = "done"
+    except (torch.cuda.OutOfMemoryError, KeyboardInterrupt) as e:
+        failure = type(e)
+    finally:
+        if stats is not None:
+            if clock.phase in ("allocation", "prefill", "decode"):
+                clock.stop(sum(map(len, answers)))
+            stats.update(prefix_tokens=len(prefix_ids), question_tokens=[len(q) for q in suffixes],
+                         reused_tokens=reused, answer_tokens=[len(a) for a in answers], **run_stats(clock, plan),
+                         question_kv_bytes=together.nbytes if together is not None else None)
+        cache = together = steps = None
+    reraise(failure, clock, plan, chunk)
+    return answers
+
+
+def check_questions(model, prefix_ids, suffixes):
+    if not prefix_ids:
+        raise UsageError("the questions share no prefix (a document); ask them one by one", ("prompt_file",))
+    if not suffixes:
+        raise UsageError("there are no questions", ("questions_file",))
+    for i, suffix in enumerate(suffixes):
+        if not suffix:
+            raise UsageError(f"question {i + 1} has no tokens of its own", ("questions_file",))
+    total = len(prefix_ids) + max(map(len, suffixes))
+    if total >= model.args.max_seq_len:
+        raise UsageError(f"the document and the longest question take {total} tokens; the model's max_seq_len is "
+                         f"{model.args.max_seq_len}", ("prompt_file", "questions_file"))
 
 
 def load_or_note(cache, path, model, prompt_ids, progress) -> tuple[int, int]:
@@ -521,6 +667,10 @@ def build_parser() -> ArgumentParser:
                         "only the rest, then write the prompt's KV back to FILE (default: none)")
     p.add_argument("--prompt-cache-ro", action="store_true",
                    help="read --prompt-cache but never write it (default: off)")
+    p.add_argument("--questions-file", type=Path, metavar="FILE",
+                   help="one question per line (UTF-8, - reads stdin), all about --prompt-file and decoded together: "
+                        "the document's KV is read once per step for all of them; the answers print one after "
+                        "another (default: none)")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="chat: one user turn per stdin line, the KV cache kept across turns; --prompt-file opens "
                         "the conversation, --prompt is the first question; /reset clears it, /exit or EOF ends "
@@ -542,22 +692,49 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def read_prompt_file(opts) -> str | None:
-    if opts.prompt_file is None:
-        return None
-    name = "stdin" if str(opts.prompt_file) == "-" else f"prompt file {opts.prompt_file}"
+def read_text(path: Path, what: str, option: str, empty: str) -> str:
+    """A UTF-8 file's text (- reads stdin), or one line saying why it cannot be had."""
+    name = "stdin" if str(path) == "-" else f"{what} {path}"
     try:
-        data = sys.stdin.buffer.read() if str(opts.prompt_file) == "-" else opts.prompt_file.read_bytes()
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
         text = data.decode("utf-8")
     except FileNotFoundError:
-        raise UsageError(f"{name} does not exist", ("prompt_file",)) from None
+        raise UsageError(f"{name} does not exist", (option,)) from None
     except UnicodeDecodeError:
-        raise UsageError(f"{name} is not UTF-8 text", ("prompt_file",)) from None
+        raise UsageError(f"{name} is not UTF-8 text", (option,)) from None
     except OSError as e:
-        raise UsageError(f"cannot read {name}: {e.strerror}", ("prompt_file",)) from None
+        raise UsageError(f"cannot read {name}: {e.strerror}", (option,)) from None
     if not text.strip():
-        raise UsageError(f"the prompt is empty ({name} holds no text)", ("prompt_file",))
+        raise UsageError(f"{empty} ({name} holds no text)", (option,))
     return text
+
+
+def read_prompt_file(opts) -> str | None:
+    return None if opts.prompt_file is None else read_text(opts.prompt_file, "prompt file", "prompt_file",
+                                                              "the prompt is empty")
+
+
+def read_questions(opts) -> list[str] | None:
+    """The questions of --questions-file: its non-blank lines."""
+    if opts.questions_file is None:
+        return None
+    text = read_text(opts.questions_file, "questions file", "questions_file", "there are no questions")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def check_questions_flags(opts):
+    """What --questions-file does not combine with, refused before the model loads."""
+    if opts.questions_file is None:
+        return
+    clashes = [("--prompt", opts.prompt is not None, "put that question in the questions file"),
+               ("--interactive", opts.interactive, "a chat asks one question at a time"),
+               ("--ctx-size", opts.ctx_size is not None, "the cache is sized to the document and the answers"),
+               ("--compile", opts.compile, "the questions' decode step runs eagerly")]
+    for flag, given, why in clashes:
+        if given:
+            raise UsageError(f"{flag} does not combine with --questions-file: {why}", ("questions_file",))
+    if str(opts.questions_file) == "-" and str(opts.prompt_file) == "-":
+        raise UsageError("--prompt-file and --questions-file cannot both read stdin", ("questions_file",))
 
 
 def main(argv=None):
@@ -571,12 +748,13 @@ def main(argv=None):
         raise UsageError("the prompt is empty", ("prompt",))
     if opts.prompt_cache is not None:
         check_prompt_cache_path(opts.prompt_cache, opts.prompt_cache_ro)
+    check_questions_flags(opts)
     device = resolve_device(opts.device)
     dtype = DTYPES[opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     offload = opts.offload or ("head" if device.type == "cuda" else "none")
     if offload != "none" and device.type != "cuda":
         print(f"note: no CUDA device; --offload {offload} runs its CPU path (same algorithm, no streams)", file=sys.stderr)
-    document = read_prompt_file(opts)
+    document, questions = read_prompt_file(opts), read_questions(opts)
 
     model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype)
     if tokenizer is None:
@@ -586,6 +764,8 @@ def main(argv=None):
         raise UsageError(f"{opts.checkpoint} has no chat template; drop --chat")
     if opts.interactive:
         return interactive(model, tokenizer, opts, chat, offload, opening=document or "", first_question=opts.prompt)
+    if questions is not None:
+        return ask_many(model, tokenizer, opts, chat, offload, document or "", questions)
     if document is not None and opts.prompt is not None:  # a document, then the question about it
         text = prompt_text(tokenizer, chat, opts.prompt, opening=document)
     else:
@@ -601,6 +781,52 @@ def main(argv=None):
                  prompt_cache=opts.prompt_cache, prompt_cache_ro=opts.prompt_cache_ro)
     finally:  # also on Ctrl-C: what was generated stays printed, with the stats so far
         report(opts, tokenizer, answer, stats)
+
+
+def ask_many(model, tokenizer, opts, chat: bool, offload: str, document: str, questions: list[str]):
+    """--questions-file: each question's prompt is tokenized whole, as a run with --prompt would be, and
+    the ids they all begin with (the document, and the template around it) are the shared prefix."""
+    prompts = [tokenizer.encode(prompt_text(tokenizer, chat, question, opening=document)) for question in questions]
+    n = shared_length(prompts)
+    answers, stats = [[] for _ in questions], {}
+    try:
+        generate_many(model, prompts[0][:n], [ids[n:] for ids in prompts], opts.max_new_tokens, offload=offload,
+                      temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed, prefill_chunk=opts.prefill_chunk,
+                      gpu_kv_budget=opts.gpu_kv_budget, stop_ids=tokenizer.stop_ids,
+                      on_token=lambda i, token: answers[i].append(token), stats=stats, progress=True,
+                      prompt_cache=opts.prompt_cache, prompt_cache_ro=opts.prompt_cache_ro)
+    finally:  # also on Ctrl-C: the answers so far, with the stats so far
+        report_many(opts, tokenizer, questions, answers, stats)
+
+
+def shared_length(prompts: list[list[int]]) -> int:
+    """How many ids every prompt begins with, leaving each at least one of its own."""
+    n = min(map(len, prompts)) - 1
+    for ids in prompts[1:]:
+        n = next((i for i in range(n) if ids[i] != prompts[0][i]), n)
+    return max(n, 0)
+
+
+def report_many(opts, tokenizer, questions: list[str], answers: list[list[int]], stats):
+    if not stats:  # failed before generation started
+        return
+    texts = [tokenizer.decode(ids) for ids in answers]
+    if opts.json:
+        print(json.dumps({"answers": [dict(question=q, text=t, new_tokens=ids)
+                                      for q, t, ids in zip(questions, texts, answers)], **stats}), flush=True)
+    else:
+        for i, (question, text) in enumerate(zip(questions, texts)):
+            print(f"Q{i + 1}: {question}\nA{i + 1}: {text.strip()}\n", flush=True)
+    if stats["interrupted"]:
+        print("interrupted", file=sys.stderr)
+    prefill = f"{stats['prefill_s']:.2f} s" if stats["prefill_s"] is not None else "unfinished"
+    rate = f", then {stats['decode_tok_s']:.1f} tok/s over all questions" if stats["decode_tok_s"] else ""
+    reused = f" ({stats['reused_tokens']} reused)" if stats["reused_tokens"] else ""
+    peak = f", peak GPU {fmt_bytes(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
+    print(f"{len(questions)} questions over a shared prefix of {stats['prefix_tokens']} tokens{reused}, prefill "
+          f"{prefill}, {sum(stats['answer_tokens'])} new tokens{rate}; offload={stats['offload']}, KV "
+          f"{fmt_bytes(stats['kv_bytes_gpu'])} on GPU / {fmt_bytes(stats['kv_bytes_cpu'])} in host RAM{peak}",
+          file=sys.stderr)
 
 
 class Answer:

@@ -179,28 +179,60 @@ def activation_reserve(args: ModelArgs, dtype, chunk: int) -> int:
     return 2 * chunk * per_token * dtype.itemsize + args.vocab_size * 4 + GiB
 
 
+def question_bytes(args: ModelArgs, dtype, n_questions: int, longest: int, room: int, chunk: int) -> tuple[int, int]:
+    """What decoding n questions together (generate_many) needs beside the prefix's cache, on the
+    compute device: (their own caches: the longest question plus `room` new tokens each, since they
+    are left-padded to the longest; the activations of one pass over all of them: n x min(chunk,
+    longest) tokens, plus those tokens' fp32 scores over their own slots, three copies live)."""
+    own = n_questions * (longest + room) * args.kv_bytes_per_token(dtype)
+    tokens = n_questions * min(chunk, longest)
+    scores = 3 * tokens * args.n_head * (longest + room) * 4
+    return own, activation_reserve(args, dtype, tokens) + scores
+
+
 def plan_cache(args: ModelArgs, max_len: int, dtype, device, policy: str, gpu_kv_budget: float | None = None,
-               prefill_chunk: int = 8192, batch: int = 1) -> Plan:
+               prefill_chunk: int = 8192, batch: int = 1, questions: tuple[int, int, int] | None = None) -> Plan:
     """The cache plan for a run on this machine, checked against host RAM and (on CUDA) the GPU memory
     left free by the weights and one prefill chunk's activations. gpu_kv_budget is in GiB; by default
-    the KV may take all of that free memory."""
+    the KV may take all of that free memory.
+
+    questions: (n, longest, room) when the cache is the shared prefix of n questions decoded
+    together (generate_many): their own caches and activations (question_bytes) are set aside too,
+    and a run whose questions alone do not fit is refused here."""
     device = torch.device(device)
     if gpu_kv_budget is not None and not gpu_kv_budget >= 0:
         raise UsageError(f"gpu_kv_budget must be >= 0 GiB, got {gpu_kv_budget}", ("gpu_kv_budget",))
     if gpu_kv_budget is not None and device.type != "cuda":
         raise UsageError(f"gpu_kv_budget needs a CUDA device; on {device} the whole KV cache is in host RAM",
                          ("gpu_kv_budget",))
-    budget, overrides = None, {}
+    own, question_pass = question_bytes(args, dtype, *questions, prefill_chunk) if questions else (0, 0)
+    budget, overrides, host = None, {}, host_available_bytes()
     if device.type == "cuda":
-        available = max(0, gpu_free_bytes(device) - activation_reserve(args, dtype, min(prefill_chunk, max_len)))
+        # The prefix is prefilled first, then the questions' caches live through their passes.
+        free = gpu_free_bytes(device)
+        reserve = max(activation_reserve(args, dtype, min(prefill_chunk, max_len)), own + question_pass)
+        _check_questions(questions, own, reserve, free, f"GPU {device}")
+        available = max(0, free - reserve)
         budget = available if gpu_kv_budget is None else int(gpu_kv_budget * GiB)
         if budget > available:
             raise UsageError(f"a GPU KV budget of {gpu_kv_budget} GiB exceeds the {fmt_bytes(available)} free on "
                              f"{device} after the weights and one prefill chunk's activations", ("gpu_kv_budget",))
-    elif policy == "head":
-        overrides = dict(group_size=1, resident=0)  # on the CPU, show the method itself: stream every head
-    return plan_memory(args, max_len, dtype, policy, device, batch, gpu_budget=budget,
-                       host_available=host_available_bytes(), **overrides)
+    else:
+        if policy == "head":
+            overrides = dict(group_size=1, resident=0)  # on the CPU, show the method itself: stream every head
+        if host is not None:
+            _check_questions(questions, own, own, host, "host RAM")
+            host -= own
+    return plan_memory(args, max_len, dtype, policy, device, batch, gpu_budget=budget, host_available=host,
+                       **overrides)
+
+
+def _check_questions(questions, own: int, need: int, free: int, where: str):
+    if questions and need > free:
+        n, longest, room = questions
+        raise UsageError(f"decoding {n} questions together needs {fmt_bytes(need)} in {where} (their own KV: "
+                         f"{fmt_bytes(own)} for {longest} + {room} tokens each) but {fmt_bytes(free)} is free; "
+                         f"fewer questions or fewer new tokens would fit", ("max_new_tokens",))
 
 
 def make_cache(plan: Plan, args: ModelArgs) -> KVCache:

@@ -96,3 +96,16 @@ def test_prompt_cache_bench_dry_run(tmp_path):
     assert [r["policy"] for r in rows] == ["none", "head"]
     for r in rows:
         assert r["file_bytes"] > 0 and min(r["save_mb_s"], r["load_disk_mb_s"], r["load_page_cache_mb_s"]) > 0
+
+
+def test_many_questions_bench_dry_run(tmp_path):
+    """bench/many_questions.py on a tiny model: it checks itself that every answer together equals the
+    answer alone (fp32), and records a rate for each batch size."""
+    out = tmp_path / "mq.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "many_questions.py"), "--dry-run", "--out", str(out)],
+                       capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    run = json.loads(out.read_text())["run"]
+    assert [r["questions"] for r in run["together"]] == [1, 2, 4]
+    for r in run["together"]:
+        assert r["answers_equal_alone"] == r["questions"] and r["decode_tok_s"] > 0 and r["speedup"] > 0

@@ -76,11 +76,12 @@ def test_help_gives_every_flag_a_line_and_its_default(capsys):
 def test_the_readme_python_examples_run_and_print_clean_text(capsys, tmp_path, monkeypatch):
     """The first once printed `... Paris.<|im_end|>`: decode now leaves control tokens out. The second
     continues the first with the pieces (plan, cache, prefill, decode); the third saves and loads a
-    prompt cache: run twice, the second run loads all but the last prompt token."""
+    prompt cache: run twice, the second run loads all but the last prompt token; the last two answer
+    questions together."""
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Python"):readme.index("## Layout")]
     examples = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(examples) == 3
+    assert len(examples) == 5
     monkeypatch.chdir(tmp_path)  # book.kv is written here
     namespace = {}
     for example in examples[:2]:
@@ -90,3 +91,8 @@ def test_the_readme_python_examples_run_and_print_clean_text(capsys, tmp_path, m
     for expected in (0, len(namespace["ids"]) - 1):
         exec(compile(examples[2], "README.md", "exec"), namespace)
         assert namespace["reused"] == expected and (tmp_path / "book.kv").exists()
+    for example in examples[3:]:  # generate_many, then its pieces: the same answers, each the one alone
+        exec(compile(example, "README.md", "exec"), namespace)
+    ns = namespace
+    assert ns["again"] == ns["answers"] == [G.generate(ns["model"], ns["doc"] + q, 64, stop_ids=ns["tokenizer"].stop_ids)
+                                            for q in ns["questions"]]

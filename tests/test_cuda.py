@@ -165,3 +165,24 @@ def test_a_prompt_cache_moves_between_gpu_layouts_and_the_cpu(tmp_path):
     assert generate(model, question, 32, offload="head", gpu_kv_budget=0.001, prefill_chunk=512,
                     prompt_cache=tmp_path / "p.kv") == generate(model, question, 32, offload="head",
                                                                   gpu_kv_budget=0.001, prefill_chunk=512)
+
+
+@torch.no_grad()
+def test_many_questions_answer_as_each_alone_on_gpu():
+    """generate_many with the document streamed from pinned memory (some heads resident) and with all
+    of it resident: in fp32 each answer is the one-question answer."""
+    from generate import generate_many
+
+    args = ModelArgs(dim=128, n_layer=3, n_head=8, n_kv_head=2, head_dim=32, intermediate_size=256,
+                     vocab_size=500, max_seq_len=4096)
+    torch.manual_seed(2)
+    model = random_model(args, dtype=torch.float32, std=0.1)
+    prefix = torch.randint(0, args.vocab_size, (1500,)).tolist()
+    questions = [torch.randint(0, args.vocab_size, (n,)).tolist() for n in (3, 17, 1, 40)]
+    for budget in (0.002, None):  # 3 of 6 slots resident and one-head groups streamed; everything resident
+        stats = {}
+        answers = generate_many(model, prefix, questions, 24, offload="head", gpu_kv_budget=budget,
+                                prefill_chunk=512, stats=stats)
+        assert answers == [generate(model, prefix + q, 24, offload="head", gpu_kv_budget=budget, prefill_chunk=512)
+                           for q in questions]
+        assert stats["plan"]["resident_slots"] == (3 if budget else 6) and stats["decode_tok_s"] > 0
