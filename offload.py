@@ -62,9 +62,12 @@ def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.stack(outs, dim=2).flatten(1, 2)
 
 
-# Keys per block of shared_attention: its fp32 scores [queries, block] and the block's fp32 K and V
-# stay within this size each (a few of them fit in the planner's activation margin, at any context).
+# Blocks of shared_attention: the fp32 scores of a block of queries over a block of keys, and that
+# block's fp32 K and V, stay within this size each (a few fit in the planner's activation margin, at
+# any context and any number of queries). A block has at least MIN_BLOCK_KEYS keys: smaller products
+# would be all launch overhead.
 SHARED_BLOCK_BYTES = 32 << 20
+MIN_BLOCK_KEYS = 256
 
 
 def shared_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,7 +77,8 @@ def shared_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
     All queries of a KV head go into one matrix product, so the prefix's K/V are read once for all B
     sequences (the point of decoding many questions together). SDPA returns no log-sum-exp, so this is
-    written out, in fp32, over blocks of keys merged as they come (bounded memory at any S).
+    written out, in fp32, over blocks of keys merged as they come (bounded memory at any S and any
+    number of queries).
     """
     Hk = k.shape[1]
     if q.device.type == "cpu" and Hk > 1:  # one KV head per call, as attention() does: equal sums for every policy
@@ -86,21 +90,32 @@ def shared_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 def _shared_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     B, Hq, T, D = q.shape
-    Hk, S = k.shape[1], k.shape[2]
+    Hk = k.shape[1]
     rep = Hq // Hk
     queries = (q.float() * D ** -0.5).reshape(B, Hk, rep * T, D).transpose(0, 1).reshape(Hk, B * rep * T, D)
-    block = max(256, SHARED_BLOCK_BYTES // (4 * Hk * max(queries.shape[1], D)))
+    # Decode has few queries (B x rep), and they all go in one slice; a long pass of many questions'
+    # tokens is sliced so that a block of MIN_BLOCK_KEYS keys still bounds their scores.
+    rows = max(1, min(queries.shape[1], SHARED_BLOCK_BYTES // (4 * Hk * MIN_BLOCK_KEYS)))
+    keys = max(MIN_BLOCK_KEYS, SHARED_BLOCK_BYTES // (4 * Hk * max(rows, D)))
+    parts = [_over_key_blocks(queries[:, r:r + rows], k[0], v[0], keys) for r in range(0, queries.shape[1], rows)]
+    out, lse = (torch.cat(side, dim=1) for side in zip(*parts))
+    out = out.view(Hk, B, rep * T, D).transpose(0, 1).reshape(B, Hq, T, D)
+    return out, lse.view(Hk, B, rep * T).transpose(0, 1).reshape(B, Hq, T)
+
+
+def _over_key_blocks(queries: Tensor, k: Tensor, v: Tensor, keys: int) -> tuple[Tensor, Tensor]:
+    """Softmax attention of queries [Hk, Q, D] (fp32, scaled) over k/v [Hk, S, D], `keys` keys at a time,
+    each block's result merged into the running one; output [Hk, Q, D] and log-sum-exp [Hk, Q]."""
     out = lse = None
-    for s in range(0, S, block):
-        scores = queries @ k[0, :, s:s + block].float().mT  # [Hk, B * rep * T, block]
+    for s in range(0, k.shape[1], keys):
+        scores = queries @ k[:, s:s + keys].float().mT  # [Hk, Q, keys]
         top = scores.amax(dim=-1, keepdim=True)
         weights = scores.sub_(top).exp_()  # one exp per score: a softmax written out, not logsumexp + exp
         total = weights.sum(dim=-1, keepdim=True)
-        block_out = (weights @ v[0, :, s:s + block].float()).div_(total)
+        block_out = (weights @ v[:, s:s + keys].float()).div_(total)
         block_lse = (top + total.log()).squeeze(-1)
         out, lse = (block_out, block_lse) if out is None else merge(out, lse, block_out, block_lse)
-    out = out.view(Hk, B, rep * T, D).transpose(0, 1).reshape(B, Hq, T, D)
-    return out, lse.view(Hk, B, rep * T).transpose(0, 1).reshape(B, Hq, T)
+    return out, lse
 
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -354,8 +369,10 @@ class HeadOffloadCache(KVCache):
             if k is not None:
                 buf_k[:, start:end] = k[:, :, h0:h1]
                 buf_v[:, start:end] = v[:, :, h0:h1]
-            yield h0, h1, buf_k.transpose(1, 2), buf_v.transpose(1, 2)
-            _record(self.consumed[b], device=self.device)
+            try:
+                yield h0, h1, buf_k.transpose(1, 2), buf_v.transpose(1, 2)
+            finally:  # also when the caller's attention failed: what it queued must end before a reuse
+                _record(self.consumed[b], device=self.device)
             if k is not None:
                 # Only the new tokens go back to the CPU store, copied from the buffer (not from the
                 # short-lived k/v, whose memory the allocator could hand out again meanwhile).

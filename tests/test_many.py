@@ -15,7 +15,7 @@ from errors import UsageError
 from generate import decode_many, generate, generate_many, prefill, prefill_questions
 from model import ModelArgs, Transformer
 from offload import StandardCache, merge, shared_attention
-from planner import make_cache, plan_memory
+from planner import GiB, make_cache, plan_memory
 from shared_prefix import SharedPrefixCache
 from tests.test_cli_errors import run_in_process
 from tests.test_offload import tiny_model
@@ -170,7 +170,16 @@ def test_ctrl_c_keeps_the_answers_so_far_and_frees_the_caches():
 def test_shared_attention_and_merge_equal_one_softmax_over_both_parts(attend, monkeypatch):
     """Prefix part + own part, merged, equal SDPA over both: with several key blocks (a tiny block
     size), GQA, B sequences; per KV head as on the CPU, and in one call as on CUDA."""
-    monkeypatch.setattr(offload, "SHARED_BLOCK_BYTES", 4096)  # blocks of 256 keys: 1000 keys take four
+    monkeypatch.setattr(offload, "SHARED_BLOCK_BYTES", 4096)  # blocks of 256 keys (1000 take four), 2-4 queries
+    blocks = []
+    over_key_blocks = offload._over_key_blocks
+
+    def recorded(queries, k, v, keys):
+        blocks.append((queries.shape[1], keys))
+        assert 4 * queries.shape[0] * queries.shape[1] * min(keys, k.shape[1]) <= 4096  # fp32 scores in bounds
+        return over_key_blocks(queries, k, v, keys)
+
+    monkeypatch.setattr(offload, "_over_key_blocks", recorded)
     g = torch.Generator().manual_seed(0)
     B, Hq, Hk, T, S, R, D = 3, 6, 2, 2, 1000, 5, 8
     q = torch.randn(B, Hq, T, D, generator=g)
@@ -184,6 +193,7 @@ def test_shared_attention_and_merge_equal_one_softmax_over_both_parts(attend, mo
     # fp32 sums over 1005 keys in another order: differences of a few ulps of outputs near 1
     torch.testing.assert_close(merged, F.scaled_dot_product_attention(q, keys, values), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse, (q @ keys.mT * D ** -0.5).logsumexp(-1), atol=1e-5, rtol=1e-6)
+    assert len(blocks) > 1 and all(keys == offload.MIN_BLOCK_KEYS for _, keys in blocks)  # queries were sliced
 
 
 def test_keep_moves_rows_down_in_place():
@@ -192,9 +202,9 @@ def test_keep_moves_rows_down_in_place():
     prefill(model, cache, ids_of(10))
     together = SharedPrefixCache(cache, [3, 1, 2, 3], room=4)
     prefill_questions(model, together, questions_of([3, 1, 2, 3]))
-    before_k, storage = together.k.clone(), together.k.untyped_storage().data_ptr()
+    before_k, storage, allocated = together.k.clone(), together.k.untyped_storage().data_ptr(), together.nbytes
     together.keep([1, 3])
-    assert together.batch == 2 and together.first.tolist() == [2, 0]
+    assert together.batch == 2 and together.first.tolist() == [2, 0] and together.nbytes == allocated
     assert torch.equal(together.k, before_k[:, [1, 3]]) and together.k.untyped_storage().data_ptr() == storage
     assert together.positions(1).tolist() == [[10 + 1], [10 + 3]]  # each after its own question
     with pytest.raises(ValueError, match="ascending"):
@@ -230,6 +240,27 @@ def test_questions_whose_caches_do_not_fit_are_refused_before_any_allocation(mon
         generate_many(model, ids_of(30), questions_of([10] * 8), 21, offload="none")
     assert e.value.options == ("max_new_tokens",)
 
+
+
+def test_on_a_gpu_the_questions_are_refused_only_for_what_they_need_themselves(monkeypatch):
+    """The GPU plan sets aside the larger of one prefix chunk's activations and the questions' own KV plus
+    their pass; the questions' refusal names them only when they are what does not fit."""
+    args, dtype = ModelArgs.from_name("Llama-3.1-8B"), torch.bfloat16
+    questions = (16, 100, 63)
+    own, question_pass = planner.question_bytes(args, dtype, *questions, 8192)
+    prefix_chunk = planner.activation_reserve(args, dtype, 8192)
+    assert own + question_pass < prefix_chunk  # so the two failures below are told apart
+
+    def plan(free):
+        monkeypatch.setattr(planner, "gpu_free_bytes", lambda device: free)
+        return planner.plan_cache(args, 131072, dtype, "cuda", "head", None, 8192, questions=questions)
+
+    with pytest.raises(UsageError, match="decoding 16 questions together needs"):
+        plan(own + question_pass - 1)
+    with pytest.raises(UsageError) as e:
+        plan(prefix_chunk - 1)
+    assert "questions" not in str(e.value)
+    assert plan(prefix_chunk + 2 * GiB).gpu_bytes <= 2 * GiB
 
 # --- the CLI --------------------------------------------------------------------------------------
 
