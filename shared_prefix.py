@@ -51,7 +51,8 @@ class SharedPrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """The memory of the own caches, as allocated (keep() leaves it allocated)."""
+        return self.k.untyped_storage().nbytes() + self.v.untyped_storage().nbytes()
 
     def positions(self, T: int) -> Tensor:
         """[B, T]: the positions of the next T slots, counted after the prefix in each own sequence."""
