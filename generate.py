@@ -503,7 +503,8 @@ def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list
                   stats: dict | None = None, progress: bool = False, prompt_cache=None,
                   prompt_cache_ro: bool = False) -> list[list[int]]:
     """Many questions about one document: each of the B `suffixes` (token ids) continues `prefix_ids`;
-    returns B lists of new ids, each the answer generate(model, prefix_ids + suffix, ...) gives greedily.
+    returns B lists of new ids, each the answer generate(model, prefix_ids + suffix, ...) gives greedily
+    in fp32 (in bf16 the two attentions round differently: see the README).
 
     The prefix is prefilled once into one cache of the `offload` policy (and taken from, then written
     to, `prompt_cache` as generate() does); each question's tokens and answer live in a small cache on
@@ -819,14 +820,8 @@ def report_many(opts, tokenizer, questions: list[str], answers: list[list[int]],
             print(f"Q{i + 1}: {question}\nA{i + 1}: {text.strip()}\n", flush=True)
     if stats["interrupted"]:
         print("interrupted", file=sys.stderr)
-    prefill = f"{stats['prefill_s']:.2f} s" if stats["prefill_s"] is not None else "unfinished"
-    rate = f", then {stats['decode_tok_s']:.1f} tok/s over all questions" if stats["decode_tok_s"] else ""
-    reused = f" ({stats['reused_tokens']} reused)" if stats["reused_tokens"] else ""
-    peak = f", peak GPU {fmt_bytes(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
-    print(f"{len(questions)} questions over a shared prefix of {stats['prefix_tokens']} tokens{reused}, prefill "
-          f"{prefill}, {sum(stats['answer_tokens'])} new tokens{rate}; offload={stats['offload']}, KV "
-          f"{fmt_bytes(stats['kv_bytes_gpu'])} on GPU / {fmt_bytes(stats['kv_bytes_cpu'])} in host RAM{peak}",
-          file=sys.stderr)
+    print(stats_line(stats, f"{len(questions)} questions over a shared prefix of {stats['prefix_tokens']} tokens",
+                     sum(stats["answer_tokens"]), " over all questions"), file=sys.stderr)
 
 
 class Answer:
@@ -849,16 +844,20 @@ def report(opts, tokenizer, answer: Answer, stats):
         print(text[len(answer.stream.text):], flush=True)  # what the stream held back (a split character)
     if stats["interrupted"]:
         print("interrupted", file=sys.stderr)
-    prefill = f"{stats['prefill_s']:.2f} s" if stats["prefill_s"] is not None else "unfinished"
-    first = f", first step {stats['first_step_s']:.2f} s" if stats["first_step_s"] is not None else ""
-    rate = f", then {stats['decode_tok_s']:.1f} tok/s" if stats["decode_tok_s"] else ""
-    peak = f", peak GPU {fmt_bytes(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
-    reused = f" ({stats['reused_tokens']} reused)" if stats["reused_tokens"] else ""
-    print(f"prompt {stats['prompt_tokens']} tokens{reused}, prefill {prefill}, {len(new_ids)} new tokens{first}{rate}; "
-          f"offload={stats['offload']}, KV {fmt_bytes(stats['kv_bytes_gpu'])} on GPU / "
-          f"{fmt_bytes(stats['kv_bytes_cpu'])} in host RAM{peak}", file=sys.stderr)
+    print(stats_line(stats, f"prompt {stats['prompt_tokens']} tokens", len(new_ids)), file=sys.stderr)
     if opts.json:
         print(json.dumps({"text": text, "new_tokens": new_ids, **stats}), flush=True)
+
+
+def stats_line(stats, what: str, new_tokens: int, rate_of: str = "") -> str:
+    """The one-line summary on stderr: what was prefilled, how fast, and where the KV went."""
+    prefill = f"{stats['prefill_s']:.2f} s" if stats["prefill_s"] is not None else "unfinished"
+    first = f", first step {stats['first_step_s']:.2f} s" if stats["first_step_s"] is not None else ""
+    rate = f", then {stats['decode_tok_s']:.1f} tok/s{rate_of}" if stats["decode_tok_s"] else ""
+    peak = f", peak GPU {fmt_bytes(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
+    reused = f" ({stats['reused_tokens']} reused)" if stats["reused_tokens"] else ""
+    return (f"{what}{reused}, prefill {prefill}, {new_tokens} new tokens{first}{rate}; offload={stats['offload']}, "
+            f"KV {fmt_bytes(stats['kv_bytes_gpu'])} on GPU / {fmt_bytes(stats['kv_bytes_cpu'])} in host RAM{peak}")
 
 
 def cli(argv=None):
