@@ -98,7 +98,7 @@ def _shared_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     rows = max(1, min(queries.shape[1], SHARED_BLOCK_BYTES // (4 * Hk * MIN_BLOCK_KEYS)))
     keys = max(MIN_BLOCK_KEYS, SHARED_BLOCK_BYTES // (4 * Hk * max(rows, D)))
     parts = [_over_key_blocks(queries[:, r:r + rows], k[0], v[0], keys) for r in range(0, queries.shape[1], rows)]
-    out, lse = (torch.cat(side, dim=1) for side in zip(*parts))
+    out, lse = parts[0] if len(parts) == 1 else (torch.cat(side, dim=1) for side in zip(*parts))  # no copy in decode
     out = out.view(Hk, B, rep * T, D).transpose(0, 1).reshape(B, Hq, T, D)
     return out, lse.view(Hk, B, rep * T).transpose(0, 1).reshape(B, Hq, T)
 

@@ -210,8 +210,9 @@ def plan_cache(args: ModelArgs, max_len: int, dtype, device, policy: str, gpu_kv
     if device.type == "cuda":
         # The prefix is prefilled first, then the questions' caches live through their passes.
         free = gpu_free_bytes(device)
-        _check_questions(questions, own, own + question_pass, free, f"GPU {device}")
-        reserve = max(activation_reserve(args, dtype, min(prefill_chunk, max_len)), own + question_pass)
+        questions_need = own + question_pass
+        _check_questions(questions, own, questions_need, free, f"GPU {device}")
+        reserve = max(activation_reserve(args, dtype, min(prefill_chunk, max_len)), questions_need)
         available = max(0, free - reserve)
         budget = available if gpu_kv_budget is None else int(gpu_kv_budget * GiB)
         if budget > available:

@@ -241,7 +241,6 @@ def test_questions_whose_caches_do_not_fit_are_refused_before_any_allocation(mon
     assert e.value.options == ("max_new_tokens",)
 
 
-
 def test_on_a_gpu_the_questions_are_refused_only_for_what_they_need_themselves(monkeypatch):
     """The GPU plan sets aside the larger of one prefix chunk's activations and the questions' own KV plus
     their pass; the questions' refusal names them only when they are what does not fit."""
@@ -261,6 +260,7 @@ def test_on_a_gpu_the_questions_are_refused_only_for_what_they_need_themselves(m
         plan(prefix_chunk - 1)
     assert "questions" not in str(e.value)
     assert plan(prefix_chunk + 2 * GiB).gpu_bytes <= 2 * GiB
+
 
 # --- the CLI --------------------------------------------------------------------------------------
 
