@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+import tensor_parallel
 from chat import interactive, prompt_text
 from errors import UsageError
 from model import ModelArgs, Transformer, rope_inv_freq
@@ -145,14 +146,16 @@ def resolve_device(name=None) -> torch.device:
     return device
 
 
-def load_model(checkpoint=None, device="cpu", dtype=torch.float32):
+def load_model(checkpoint=None, device="cpu", dtype=torch.float32, tp: tensor_parallel.TensorParallel | None = None):
     """Load a model: `checkpoint` is a converted dir, an HF model dir, a .gguf file or a hub id (see
     resolve_checkpoint); None loads the embedded default. Returns (model, tokenizer); tokenizer is
-    None when the checkpoint has no tokenizer files."""
+    None when the checkpoint has no tokenizer files. tp: this process's rank of a tensor-parallel
+    group (tensor_parallel.init()); it loads only its shard of the weights, and its model runs with
+    the others' (model.args is then the shard's shape)."""
     from safetensors import SafetensorError, safe_open
 
     device = resolve_device(device)
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint) if tp is None else tp.rank0_first(lambda: resolve_checkpoint(checkpoint))
     weights = ckpt / "model.safetensors"
     if not weights.is_file():
         raise UsageError(f"{ckpt} has no model.safetensors: the checkpoint has no weights", ("checkpoint",))
@@ -162,28 +165,37 @@ def load_model(checkpoint=None, device="cpu", dtype=torch.float32):
         raise UsageError(f"{ckpt / 'config.json'} is not a valid config: {e}", ("checkpoint",)) from None
 
     with torch.device("meta"):
-        model = Transformer(args)
-    expected = model.state_dict()
-    check_fits(sum(t.numel() for t in expected.values()) * dtype.itemsize, device, f"the weights in {dtype}")
+        whole = Transformer(args)
+        model = whole if tp is None else tp.shard_model(args)
+    check_fits(sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize, device,
+               "the weights" + (f" in {dtype}" if tp is None else f" of rank {tp.rank} in {dtype}"))
     try:
         with safe_open(weights, framework="pt", device="cpu") as f:
-            names = set(f.keys())
-            missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
-            if missing or unexpected:
-                raise UsageError(f"{ckpt}: weights do not match config.json: missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}", ("checkpoint",))
-            for name in expected:  # in model order, so the first mismatch named is the earliest
-                shape = list(f.get_slice(name).get_shape())
-                if shape != list(expected[name].shape):
-                    raise UsageError(f"{ckpt}: tensor {name} has shape {shape}, config.json implies "
-                                     f"{list(expected[name].shape)}", ("checkpoint",))
+            check_weights(f, whole.state_dict(), ckpt)
+            read = f.get_tensor if tp is None else lambda name: tp.read_shard(f, name, args)
             # One tensor at a time, converted on the way: the device never holds the source dtype.
-            state = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in expected}
+            state = {name: read(name).to(device=device, dtype=dtype) for name in model.state_dict()}
     except (SafetensorError, OSError) as e:
         raise UsageError(f"{weights} cannot be read ({e}); the file is corrupt or truncated", ("checkpoint",)) from None
     model.load_state_dict(state, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)  # a non-persistent buffer, still on meta
+    if tp is not None:
+        tp.connect(model, args.vocab_size)
     return model.eval(), load_tokenizer(ckpt)
+
+
+def check_weights(f, expected: dict, ckpt: Path):
+    """The names and shapes of the tensors in a safetensors file `f` are those of config.json's model."""
+    names = set(f.keys())
+    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or unexpected:
+        raise UsageError(f"{ckpt}: weights do not match config.json: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}", ("checkpoint",))
+    for name in expected:  # in model order, so the first mismatch named is the earliest
+        shape = list(f.get_slice(name).get_shape())
+        if shape != list(expected[name].shape):
+            raise UsageError(f"{ckpt}: tensor {name} has shape {shape}, config.json implies "
+                             f"{list(expected[name].shape)}", ("checkpoint",))
 
 
 # --- the pieces: prefill, decode ----------------------------------------------------------------
@@ -583,21 +595,31 @@ def check_questions(model, prefix_ids, suffixes):
 
 
 def load_or_note(cache, path, model, prompt_ids, progress) -> tuple[int, int]:
-    """load_prompt_cache, or one line on stderr saying why the file is not used, and nothing loaded."""
+    """load_prompt_cache, or one line on stderr saying why the file is not used, and nothing loaded.
+    Under tensor parallelism each rank loads its own file (rank_file), and all keep the positions that
+    every rank could load: the prefill after them is one computation of all ranks together."""
+    path = tensor_parallel.rank_file(path)
     try:
-        reused, stored = load_prompt_cache(cache, path, model, prompt_ids, progress)
+        (reused, stored), note = load_prompt_cache(cache, path, model, prompt_ids, progress), None
     except UnusablePromptCache as e:
-        print(f"note: prompt cache {path} not used: {e}; it is computed again", file=sys.stderr)
-        return 0, 0
-    if progress:
-        print(f"prompt cache {path}: " + (f"{reused} of {len(prompt_ids)} prompt tokens reused" if stored else
+        (reused, stored), note = (0, 0), f"note: prompt cache {path} not used: {e}; it is computed again"
+    common = tensor_parallel.fewest_over_ranks(reused)
+    if common < reused:
+        cache.truncate(common)
+    if note is not None:
+        print(note, file=sys.stderr)
+    elif progress:
+        fewest = " (the fewest that every rank has)" if common < reused else ""
+        print(f"prompt cache {path}: " + (f"{common} of {len(prompt_ids)} prompt tokens reused{fewest}" if stored else
                                           "none yet; it is written after this run"), file=sys.stderr)
-    return reused, stored
+    return common, stored
 
 
 def save_or_warn(cache, path, model, prompt_ids, progress):
-    """save_prompt_cache; when the disk is full or the write fails, one line on stderr and the old file
-    as it was: the answer has been given, only the next run's reuse is lost."""
+    """save_prompt_cache (this rank's file, under tensor parallelism); when the disk is full or the
+    write fails, one line on stderr and the old file as it was: the answer has been given, only the
+    next run's reuse is lost."""
+    path = tensor_parallel.rank_file(path)
     try:
         t0 = perf_counter()
         size = save_prompt_cache(cache, path, model, prompt_ids, progress)
@@ -632,7 +654,8 @@ def non_negative_float(text):
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other error of this tool (argparse prints usage too)
-        print(f"error: {message} (see --help)", file=sys.stderr)
+        if tensor_parallel.first_to_fail():  # under torchrun every rank parses the same arguments
+            print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -723,6 +746,12 @@ def read_questions(opts) -> list[str] | None:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def read_inputs(opts) -> tuple[str | None, list[str] | None]:
+    """The document and the questions, from their files or stdin (under torchrun rank 0 reads them:
+    stdin reaches one rank only)."""
+    return read_prompt_file(opts), read_questions(opts)
+
+
 def check_questions_flags(opts):
     """What --questions-file does not combine with, refused before the model loads."""
     if opts.questions_file is None:
@@ -751,13 +780,15 @@ def main(argv=None):
         check_prompt_cache_path(opts.prompt_cache, opts.prompt_cache_ro)
     check_questions_flags(opts)
     device = resolve_device(opts.device)
+    tp = join_tensor_parallel(opts, device) if tensor_parallel.launched() else None
+    device = device if tp is None else tp.device
     dtype = DTYPES[opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     offload = opts.offload or ("head" if device.type == "cuda" else "none")
     if offload != "none" and device.type != "cuda":
         print(f"note: no CUDA device; --offload {offload} runs its CPU path (same algorithm, no streams)", file=sys.stderr)
-    document, questions = read_prompt_file(opts), read_questions(opts)
+    document, questions = read_inputs(opts) if tp is None else tp.from_rank0(lambda: read_inputs(opts))
 
-    model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype)
+    model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype, tp=tp)
     if tokenizer is None:
         raise UsageError(f"{opts.checkpoint} has no tokenizer files; use the Python API with token ids")
     chat = tokenizer.chat_template is not None if opts.chat is None else opts.chat
@@ -781,7 +812,20 @@ def main(argv=None):
                  on_token=answer.add, stats=stats, progress=True, ctx_size=opts.ctx_size,
                  prompt_cache=opts.prompt_cache, prompt_cache_ro=opts.prompt_cache_ro)
     finally:  # also on Ctrl-C: what was generated stays printed, with the stats so far
-        report(opts, tokenizer, answer, stats)
+        if not tensor_parallel.failed_elsewhere():  # else that rank's one line says it all
+            report(opts, tokenizer, answer, stats)
+
+
+def join_tensor_parallel(opts, device: torch.device) -> tensor_parallel.TensorParallel:
+    """Under torchrun: this process becomes one rank of the group, and only rank 0 prints (the others'
+    failures are still said once, by cli())."""
+    if opts.interactive:
+        raise UsageError("--interactive does not run under torchrun: a chat reads its turns from one terminal",
+                         ("interactive",))
+    tp = tensor_parallel.init(device)
+    if tp.rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return tp
 
 
 def ask_many(model, tokenizer, opts, chat: bool, offload: str, document: str, questions: list[str]):
@@ -797,7 +841,8 @@ def ask_many(model, tokenizer, opts, chat: bool, offload: str, document: str, qu
                       on_token=lambda i, token: answers[i].append(token), stats=stats, progress=True,
                       prompt_cache=opts.prompt_cache, prompt_cache_ro=opts.prompt_cache_ro)
     finally:  # also on Ctrl-C: the answers so far, with the stats so far
-        report_many(opts, tokenizer, questions, answers, stats)
+        if not tensor_parallel.failed_elsewhere():
+            report_many(opts, tokenizer, questions, answers, stats)
 
 
 def shared_length(prompts: list[list[int]]) -> int:
@@ -864,10 +909,23 @@ def cli(argv=None):
     try:
         main(argv)
     except UsageError as e:
-        print(f"error: {e.with_flags()}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: {e.with_flags()}")
     except KeyboardInterrupt:
         sys.exit(130)  # the partial text and stats were already reported
+    except Exception as e:  # noqa: BLE001  under torchrun, one line for the group, not N tracebacks
+        if not tensor_parallel.launched():
+            raise
+        fail(f"error: rank {os.environ['RANK']} failed: {type(e).__name__}: {e}")
+
+
+def fail(line: str):
+    """Exit with one line on stderr; in a tensor-parallel group only the first rank to fail says it
+    (the others fail because of it, or in the same way), and torchrun ends the rest."""
+    if tensor_parallel.first_to_fail():
+        if tensor_parallel.launched():
+            sys.stderr = sys.__stderr__  # a rank other than 0 was silenced
+        print(line, file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

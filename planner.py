@@ -15,6 +15,7 @@ import torch
 from errors import UsageError
 from model import ModelArgs
 from offload import HeadOffloadCache, KVCache, LayerOffloadCache, StandardCache
+from tensor_parallel import agree, local_ranks
 
 POLICIES = ("none", "layer", "head")
 GiB = 1 << 30
@@ -141,16 +142,17 @@ def _check_host(plan: Plan, host_available: int | None) -> Plan:
 # --- what this machine has ------------------------------------------------------------------------
 
 def host_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (what the OS can give without swapping); None if unknown."""
+    """This process's share of the host RAM the OS can give without swapping (MemAvailable from
+    /proc/meminfo); the ranks of a tensor-parallel group on one machine share it equally. None if unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 // local_ranks()
     except OSError:
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // local_ranks()
     except (ValueError, OSError):
         return None
 
@@ -198,7 +200,16 @@ def plan_cache(args: ModelArgs, max_len: int, dtype, device, policy: str, gpu_kv
 
     questions: (n, longest, room) when the cache is the shared prefix of n questions decoded
     together (generate_many): their own caches and activations (question_bytes) are set aside too,
-    and a run whose questions alone do not fit is refused here."""
+    and a run whose questions alone do not fit is refused here.
+
+    In a tensor-parallel group (tensor_parallel.py) every rank plans its own shard (args is the
+    shard's shape) with its own GPU and its share of host RAM, all at once before any allocates, and
+    a plan refused on one rank is refused on all."""
+    return agree(lambda: _plan_cache(args, max_len, dtype, device, policy, gpu_kv_budget, prefill_chunk, batch,
+                                     questions))
+
+
+def _plan_cache(args, max_len, dtype, device, policy, gpu_kv_budget, prefill_chunk, batch, questions) -> Plan:
     device = torch.device(device)
     if gpu_kv_budget is not None and not gpu_kv_budget >= 0:
         raise UsageError(f"gpu_kv_budget must be >= 0 GiB, got {gpu_kv_budget}", ("gpu_kv_budget",))
