@@ -1,0 +1,253 @@
+"""Tensor parallelism (tensor_parallel.py) on the CPU with gloo, as CI can run it: torchrun with 2 and 4
+ranks gives one process's greedy tokens and answers, and its fp32 logits to rounding, for every policy
+and chunking; every rank computes the same; the CLI prints once; a failing rank ends the group in one line.
+
+The group runs tests/tp_worker.py (or generate.py) under `python -m torch.distributed.run`, each rank
+a process of its own, as users run it; one process computes the reference here.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import generate as G
+from errors import UsageError
+from model import ModelArgs, Transformer
+from tensor_parallel import TensorParallel
+from tests import tp_worker as W
+from tests.test_cli import run_json
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUP_TIMEOUT_S = 300  # a group that hangs fails the test instead of the suite
+
+# A rank's model does one process's arithmetic except where the all-reduces finish the sums of
+# attention's and the MLP's output projections: N partial sums added in another order than one matmul
+# adds them, rounded once more each. Measured over these 3 layers, 2 and 4 ranks, 3 policies and
+# chunks 3/16: at most 5.7e-7 on logits up to 1.3 (a few ulps); 1e-5 allows about twenty times that.
+LOGIT_ATOL = 1e-5
+
+
+def lively(args: ModelArgs, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    for p in model.parameters():  # larger than default init: peaked attention, tokens that vary
+        torch.nn.init.normal_(p, std=0.25)
+    return model
+
+
+def write_checkpoint(out: Path, args: ModelArgs, tokenizer_from: Path | None = None) -> Path:
+    out.mkdir()
+    args.to_json(out / "config.json")
+    save_file(lively(args).state_dict(), out / "model.safetensors")
+    for f in tokenizer_from.glob("tokenizer*") if tokenizer_from else ():
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """8 query and 4 KV heads (2 and 4 ranks divide them), a Qwen2-style qkv bias, an untied output,
+    and a vocabulary of 101 that neither 2 nor 4 divides (the last rank's slice is padded)."""
+    args = ModelArgs(dim=48, n_layer=3, n_head=8, n_kv_head=4, head_dim=8, intermediate_size=96, vocab_size=101,
+                     max_seq_len=256, rope_base=10000.0, qkv_bias=True)
+    return write_checkpoint(tmp_path_factory.mktemp("tp") / "ckpt", args)
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory):
+    """For the CLI: the default model's tokenizer, tied embeddings, heads that 2 ranks divide."""
+    args = ModelArgs(dim=48, n_layer=2, n_head=8, n_kv_head=4, head_dim=8, intermediate_size=96, vocab_size=49152,
+                     max_seq_len=256, rope_base=10000.0, tie_word_embeddings=True)
+    return write_checkpoint(tmp_path_factory.mktemp("tp") / "chat", args, G.default_checkpoint())
+
+
+def torchrun(n: int, *argv, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                           *map(str, argv)], cwd=ROOT, env=env, input=stdin, capture_output=True, text=True,
+                          timeout=GROUP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])
+def ranks(request, ckpt, tmp_path_factory):
+    """What each rank of an N-rank group computed (tests/tp_worker.py), run once per N."""
+    n, out = request.param, tmp_path_factory.mktemp(f"ranks{request.param}")
+    r = torchrun(n, "tests/tp_worker.py", ckpt, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [torch.load(out / f"rank{i}.pt", weights_only=False) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def alone(ckpt):
+    model, _ = G.load_model(ckpt)
+    return model
+
+
+def test_each_rank_holds_its_share_of_the_heads_mlp_and_vocabulary(ranks):
+    n = len(ranks)
+    shard = ranks[0]["shard_args"]
+    assert (shard.n_head, shard.n_kv_head, shard.intermediate_size) == (8 // n, 4 // n, 96 // n)
+    assert shard.vocab_size == -(-101 // n) and shard.dim == 48
+
+
+def test_every_rank_computes_the_same_logits_tokens_and_answers(ranks):
+    for other in ranks[1:]:
+        for key, value in ranks[0].items():
+            same = torch.equal(value, other[key]) if isinstance(value, torch.Tensor) else value == other[key]
+            assert same, key
+
+
+@pytest.mark.parametrize("policy", W.POLICIES)
+@pytest.mark.parametrize("chunk", W.CHUNKS)
+def test_logits_are_one_process_logits_to_fp32_rounding(ranks, alone, policy, chunk):
+    expected = W.logits_of(alone, policy, chunk)
+    got = ranks[0][f"logits {policy} {chunk}"]
+    assert got.shape == expected.shape  # the whole vocabulary, not one rank's slice
+    torch.testing.assert_close(got, expected, rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("chunk", W.CHUNKS)
+def test_the_policies_agree_bit_for_bit_in_a_group_as_in_one_process(ranks, chunk):
+    # Each rank's caches do its heads' attention in the same calls (offload.attention), so the
+    # all-reduces receive equal partial sums whatever the policy.
+    none = ranks[0][f"logits none {chunk}"]
+    for policy in ("layer", "head"):
+        assert torch.equal(ranks[0][f"logits {policy} {chunk}"], none)
+
+
+@pytest.mark.parametrize("policy", W.POLICIES)
+def test_greedy_tokens_and_many_answers_are_one_process_ones(ranks, alone, policy):
+    for chunk in W.CHUNKS:
+        expected = G.generate(alone, W.PROMPT, 24, offload=policy, prefill_chunk=chunk)
+        assert ranks[0][f"tokens {policy} {chunk}"] == expected
+        assert len(set(expected)) > 2  # a model whose tokens vary, or equality would prove little
+    answers = G.generate_many(alone, W.PROMPT[:29], W.QUESTIONS, 12, offload=policy, prefill_chunk=4)
+    assert ranks[0][f"answers {policy}"] == answers
+
+
+def test_a_shard_is_the_full_tensor_cut_by_heads_rows_and_columns(ckpt):
+    # The shards of every rank, put back together the way the all-reduces combine them, are the
+    # full model's tensors (wqkv: each rank's q, k and v heads; wo/w2: columns; w1/w3, vocabulary: rows).
+    args = ModelArgs.from_json(ckpt / "config.json")
+    with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+        full = {name: f.get_tensor(name) for name in f.keys()}
+        for n in (2, 4):
+            shards = [{name: TensorParallel(r, n, torch.device("cpu")).read_shard(f, name, args) for name in full}
+                      for r in range(n)]
+            q, kv = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
+            for name, whole in full.items():
+                parts = [s[name] for s in shards]
+                if ".wqkv." in name:
+                    pieces = [p.split([q // n, kv // n, kv // n]) for p in parts]
+                    rebuilt = torch.cat([torch.cat([p[i] for p in pieces]) for i in range(3)])
+                elif name.endswith(("wo.weight", "w2.weight")):
+                    rebuilt = torch.cat(parts, dim=1)
+                elif name.endswith(("w1.weight", "w3.weight", "tok_embeddings.weight", "output.weight")):
+                    rebuilt = torch.cat(parts)[:whole.shape[0]]
+                else:
+                    assert all(torch.equal(p, whole) for p in parts), name  # norms: whole on every rank
+                    continue
+                assert torch.equal(rebuilt, whole), (n, name)
+            rows = -(-args.vocab_size // n)
+            assert not shards[-1]["output.weight"][args.vocab_size - (n - 1) * rows:].any()  # the padding
+
+
+def test_ranks_that_do_not_divide_the_kv_heads_are_refused_by_name():
+    args = ModelArgs(dim=48, n_layer=2, n_head=9, n_kv_head=3, head_dim=8, intermediate_size=96, vocab_size=101)
+    with pytest.raises(UsageError, match=r"2 tensor-parallel ranks must divide the model's KV heads, 3; run 1 or 3"):
+        TensorParallel(0, 2, torch.device("cpu")).shard_args(args)
+
+
+# --- the CLI under torchrun (the checkpoint borrows the default model's tokenizer) -----------------
+
+@pytest.mark.default_model
+def test_the_cli_prints_once_and_answers_as_one_process(chat_ckpt, capsys, tmp_path):
+    argv = ["--checkpoint", chat_ckpt, "--max-new-tokens", "16", "--offload", "head", "--prefill-chunk", "8"]
+    expected, _ = run_json([str(a) for a in argv], capsys)
+    r = torchrun(2, "generate.py", *argv, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 0's JSON alone: rank 1 printed nothing
+    assert json.loads(lines[0])["new_tokens"] == expected["new_tokens"]
+    assert r.stderr.count("plan: head offload") == 1
+
+
+@pytest.mark.default_model
+def test_the_cli_answers_many_questions_read_from_stdin_as_one_process(chat_ckpt, capsys, tmp_path):
+    (tmp_path / "doc.txt").write_text("A document about the capital of France. " * 8)
+    questions = "What is it about?\nWhich city?\nWhy?\n"
+    argv = ["--checkpoint", chat_ckpt, "--max-new-tokens", "10", "--prompt-file", tmp_path / "doc.txt"]
+    (tmp_path / "qs.txt").write_text(questions)
+    expected, _ = run_json([str(a) for a in [*argv, "--questions-file", tmp_path / "qs.txt"]], capsys)
+    r = torchrun(2, "generate.py", *argv, "--questions-file", "-", "--json", stdin=questions)  # only rank 0 reads stdin
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["answers"] == expected["answers"]
+
+
+@pytest.mark.default_model
+def test_a_prompt_cache_is_one_file_per_rank_and_a_rank_without_its_file_costs_all_the_reuse(chat_ckpt, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A long document that is prefilled once. " * 10)
+    argv = ["generate.py", "--checkpoint", chat_ckpt, "--max-new-tokens", "8", "--prompt-file", doc,
+            "--prompt-cache", tmp_path / "doc.kv", "--json"]
+    first = torchrun(2, *argv, "--prompt", "First?")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("doc.kv*")) == ["doc.kv.rank0-of-2", "doc.kv.rank1-of-2"]
+    again = torchrun(2, *argv, "--prompt", "Second?")
+    assert again.returncode == 0, again.stderr[-3000:]
+    reused = json.loads(again.stdout.strip().splitlines()[-1])["reused_tokens"]
+    assert reused > 50
+    (tmp_path / "doc.kv.rank1-of-2").unlink()  # rank 1 must prefill everything, so rank 0 does too
+    lost = torchrun(2, *argv, "--prompt", "Third?")
+    assert lost.returncode == 0, lost.stderr[-3000:]
+    assert json.loads(lost.stdout.strip().splitlines()[-1])["reused_tokens"] == 0
+
+
+@pytest.mark.default_model
+def test_the_compiled_decode_step_runs_in_a_group(chat_ckpt, capsys):
+    argv = ["--checkpoint", chat_ckpt, "--max-new-tokens", "12", "--offload", "head"]
+    expected, _ = run_json([str(a) for a in argv], capsys)
+    r = torchrun(2, "generate.py", *argv, "--compile", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["new_tokens"] == expected["new_tokens"]
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.default_model
+def test_a_group_the_heads_cannot_be_split_over_is_refused_in_one_line(chat_ckpt):
+    r = torchrun(3, "generate.py", "--checkpoint", chat_ckpt)
+    assert r.returncode != 0 and r.stdout == ""
+    assert error_lines(r.stderr) == ["error: 3 tensor-parallel ranks must divide the model's KV heads, 4; "
+                                     "run 1, 2 or 4 ranks (torchrun --nproc-per-node)"]
+
+
+@pytest.mark.default_model
+def test_a_rank_that_fails_during_prefill_ends_every_rank_with_one_line(chat_ckpt):
+    # tests/tp_fault.py is generate.py's CLI with rank 1's prefill raising after its first chunk, while
+    # rank 0 waits in an all-reduce for it: the group must end (no hang) and say so once.
+    r = torchrun(2, "tests/tp_fault.py", "--checkpoint", chat_ckpt, "--prefill-chunk", "8")
+    assert r.returncode != 0
+    assert error_lines(r.stderr) == ["error: rank 1 failed: RuntimeError: injected fault in prefill"]
+    ours = r.stderr.split("torch/distributed/elastic")[0]  # what the ranks printed before torchrun's report
+    assert "Traceback" not in ours and "interrupted" not in ours  # rank 0, ended by rank 1, said nothing
+
+
+@pytest.mark.cuda
+@pytest.mark.default_model
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_over_nccl_answer_as_one_gpu(chat_ckpt, capsys):
+    argv = ["--checkpoint", chat_ckpt, "--max-new-tokens", "16", "--offload", "head", "--device", "cuda",
+            "--dtype", "float32"]
+    expected, _ = run_json([str(a) for a in argv], capsys)
+    r = torchrun(2, "generate.py", *argv, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["new_tokens"] == expected["new_tokens"]

@@ -1,0 +1,48 @@
+"""One rank of the tensor-parallel tests (tests/test_tp.py starts it under torchrun, on the CPU with
+gloo): it runs every policy and chunking on its shard and saves what it computed to OUT/rank{r}.pt.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py CKPT OUT
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+import tensor_parallel
+from generate import generate, generate_many, load_model
+from planner import make_cache, plan_cache
+
+POLICIES, CHUNKS = ("none", "layer", "head"), (3, 16)
+PROMPT = [(7 * i + 3) % 101 for i in range(37)]        # 37 tokens: chunks of 3 and 16 end mid-chunk
+QUESTIONS = [PROMPT[:5], PROMPT[10:19], PROMPT[4:5]]    # after PROMPT[:29], of different lengths
+DECODE = 6
+
+
+@torch.no_grad()
+def logits_of(model, policy, chunk):
+    """Every prompt position's logits from a chunked prefill, then DECODE greedy steps': [T + DECODE, vocab]."""
+    cache = make_cache(plan_cache(model.args, len(PROMPT) + DECODE, torch.float32, "cpu", policy), model.args)
+    tokens, out = torch.tensor([PROMPT]), []
+    for s in range(0, len(PROMPT), chunk):
+        part = tokens[:, s:s + chunk]
+        out.append(model(part, torch.arange(s, s + part.shape[1]), cache)[0])
+    for i in range(DECODE):
+        token = out[-1][-1:].argmax(-1)[None]
+        out.append(model(token, torch.tensor([len(PROMPT) + i]), cache)[0])
+    return torch.cat(out)
+
+
+def main(ckpt, out):
+    tp = tensor_parallel.init(torch.device("cpu"))
+    model, _ = load_model(ckpt, tp=tp)
+    results = {"shard_args": model.args}
+    for policy in POLICIES:
+        for chunk in CHUNKS:
+            results[f"logits {policy} {chunk}"] = logits_of(model, policy, chunk)
+            results[f"tokens {policy} {chunk}"] = generate(model, PROMPT, 24, offload=policy, prefill_chunk=chunk)
+        results[f"answers {policy}"] = generate_many(model, PROMPT[:29], QUESTIONS, 12, offload=policy, prefill_chunk=4)
+    torch.save(results, Path(out) / f"rank{tp.rank}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
