@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,7 +156,7 @@ def load_model(checkpoint=None, device="cpu", dtype=torch.float32, tp: tensor_pa
     from safetensors import SafetensorError, safe_open
 
     device = resolve_device(device)
-    ckpt = resolve_checkpoint(checkpoint) if tp is None else tp.rank0_first(lambda: resolve_checkpoint(checkpoint))
+    ckpt = tensor_parallel.rank0_first(lambda: resolve_checkpoint(checkpoint))  # one conversion for a group
     weights = ckpt / "model.safetensors"
     if not weights.is_file():
         raise UsageError(f"{ckpt} has no model.safetensors: the checkpoint has no weights", ("checkpoint",))
@@ -167,8 +168,8 @@ def load_model(checkpoint=None, device="cpu", dtype=torch.float32, tp: tensor_pa
     with torch.device("meta"):
         whole = Transformer(args)
         model = whole if tp is None else tp.shard_model(args)
-    check_fits(sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize, device,
-               "the weights" + (f" in {dtype}" if tp is None else f" of rank {tp.rank} in {dtype}"))
+    weight_bytes = sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize
+    tensor_parallel.agree(lambda: check_fits(weight_bytes, device, f"the weights in {dtype}"))  # a group: on every rank
     try:
         with safe_open(weights, framework="pt", device="cpu") as f:
             check_weights(f, whole.state_dict(), ckpt)
@@ -746,12 +747,6 @@ def read_questions(opts) -> list[str] | None:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def read_inputs(opts) -> tuple[str | None, list[str] | None]:
-    """The document and the questions, from their files or stdin (under torchrun rank 0 reads them:
-    stdin reaches one rank only)."""
-    return read_prompt_file(opts), read_questions(opts)
-
-
 def check_questions_flags(opts):
     """What --questions-file does not combine with, refused before the model loads."""
     if opts.questions_file is None:
@@ -786,7 +781,8 @@ def main(argv=None):
     offload = opts.offload or ("head" if device.type == "cuda" else "none")
     if offload != "none" and device.type != "cuda":
         print(f"note: no CUDA device; --offload {offload} runs its CPU path (same algorithm, no streams)", file=sys.stderr)
-    document, questions = read_inputs(opts) if tp is None else tp.from_rank0(lambda: read_inputs(opts))
+    # Under torchrun rank 0 reads the files for all: stdin reaches one rank only.
+    document, questions = tensor_parallel.from_rank0(lambda: (read_prompt_file(opts), read_questions(opts)))
 
     model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype, tp=tp)
     if tokenizer is None:
@@ -802,17 +798,18 @@ def main(argv=None):
         text = prompt_text(tokenizer, chat, opts.prompt, opening=document)
     else:
         text = prompt_text(tokenizer, chat, document if document is not None else opts.prompt or DEFAULT_PROMPT)
-    prompt_ids = tokenizer.encode(text)
+    prompt_ids = tensor_parallel.from_rank0(lambda: tokenizer.encode(text))  # a template may hold today's date
 
-    answer, stats = Answer(tokenizer, show=not opts.json), {}
+    answer, stats, finished = Answer(tokenizer, show=not opts.json), {}, False
     try:
         generate(model, prompt_ids, opts.max_new_tokens, offload=offload, temperature=opts.temperature,
                  top_k=opts.top_k, seed=opts.seed, prefill_chunk=opts.prefill_chunk,
                  gpu_kv_budget=opts.gpu_kv_budget, compile=opts.compile, stop_ids=tokenizer.stop_ids,
                  on_token=answer.add, stats=stats, progress=True, ctx_size=opts.ctx_size,
                  prompt_cache=opts.prompt_cache, prompt_cache_ro=opts.prompt_cache_ro)
+        finished = True
     finally:  # also on Ctrl-C: what was generated stays printed, with the stats so far
-        if not tensor_parallel.failed_elsewhere():  # else that rank's one line says it all
+        if finished or not tensor_parallel.failed_elsewhere():  # a peer's failure: its one line says it all
             report(opts, tokenizer, answer, stats)
 
 
@@ -825,23 +822,27 @@ def join_tensor_parallel(opts, device: torch.device) -> tensor_parallel.TensorPa
     tp = tensor_parallel.init(device)
     if tp.rank != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
+    if opts.temperature > 0 and opts.seed is None:  # every rank must draw the same tokens: one seed for all
+        opts.seed = tensor_parallel.from_rank0(lambda: secrets.randbits(63))
     return tp
 
 
 def ask_many(model, tokenizer, opts, chat: bool, offload: str, document: str, questions: list[str]):
     """--questions-file: each question's prompt is tokenized whole, as a run with --prompt would be, and
     the ids they all begin with (the document, and the template around it) are the shared prefix."""
-    prompts = [tokenizer.encode(prompt_text(tokenizer, chat, question, opening=document)) for question in questions]
+    prompts = tensor_parallel.from_rank0(
+        lambda: [tokenizer.encode(prompt_text(tokenizer, chat, question, opening=document)) for question in questions])
     n = shared_length(prompts)
-    answers, stats = [[] for _ in questions], {}
+    answers, stats, finished = [[] for _ in questions], {}, False
     try:
         generate_many(model, prompts[0][:n], [ids[n:] for ids in prompts], opts.max_new_tokens, offload=offload,
                       temperature=opts.temperature, top_k=opts.top_k, seed=opts.seed, prefill_chunk=opts.prefill_chunk,
                       gpu_kv_budget=opts.gpu_kv_budget, stop_ids=tokenizer.stop_ids,
                       on_token=lambda i, token: answers[i].append(token), stats=stats, progress=True,
                       prompt_cache=opts.prompt_cache, prompt_cache_ro=opts.prompt_cache_ro)
+        finished = True
     finally:  # also on Ctrl-C: the answers so far, with the stats so far
-        if not tensor_parallel.failed_elsewhere():
+        if finished or not tensor_parallel.failed_elsewhere():
             report_many(opts, tokenizer, questions, answers, stats)
 
 
@@ -911,11 +912,12 @@ def cli(argv=None):
     except UsageError as e:
         fail(f"error: {e.with_flags()}")
     except KeyboardInterrupt:
-        sys.exit(130)  # the partial text and stats were already reported
+        tensor_parallel.exit_process(130)  # the partial text and stats were already reported
     except Exception as e:  # noqa: BLE001  under torchrun, one line for the group, not N tracebacks
         if not tensor_parallel.launched():
             raise
         fail(f"error: rank {os.environ['RANK']} failed: {type(e).__name__}: {e}")
+    tensor_parallel.leave()
 
 
 def fail(line: str):
@@ -925,7 +927,7 @@ def fail(line: str):
         if tensor_parallel.launched():
             sys.stderr = sys.__stderr__  # a rank other than 0 was silenced
         print(line, file=sys.stderr)
-    sys.exit(1)
+    tensor_parallel.exit_process(1)
 
 
 if __name__ == "__main__":

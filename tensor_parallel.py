@@ -21,7 +21,10 @@ finish, so the logits agree to fp32 rounding and greedy decoding to the token; e
 the same values, so all of them pick the same token.
 """
 import os
+import pickle
+import sys
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,8 +37,13 @@ from torch import Tensor
 from errors import UsageError
 from model import ModelArgs, Transformer
 
-_store = None  # the rendezvous store of torchrun's ranks: first_to_fail() counts failures in it
-_FAILURES = "headinfer/failures"
+# A rank may wait this long for the others on the host (rank 0 converting a large checkpoint, or
+# reading stdin); a rank that dies ends the group sooner, through torchrun.
+HOST_WAIT = timedelta(hours=6)
+
+_group = None     # this process's TensorParallel, once init() has joined a group
+_store = None     # torchrun's rendezvous store: the ranks' host-side exchanges and failure count
+_exchanges = 0    # exchanges so far: every rank makes the same ones, in the same order
 
 
 def launched() -> bool:
@@ -44,8 +52,8 @@ def launched() -> bool:
 
 
 def local_ranks() -> int:
-    """The processes of this group on this machine: they share its RAM (1 outside torchrun)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.is_initialized() else 1
+    """The processes of this group on this machine: they share its RAM (1 outside a group)."""
+    return int(os.environ["LOCAL_WORLD_SIZE"]) if _group is not None else 1
 
 
 @dataclass(frozen=True)
@@ -93,9 +101,11 @@ class TensorParallel:
             return part[mine(part.get_shape()[0])]
         if name in ("tok_embeddings.weight", "output.weight"):  # rows of the vocabulary, padded to 1/n rounded up
             rows = -(-args.vocab_size // n)
-            mine_ = part[r * rows:min((r + 1) * rows, args.vocab_size)]
+            mine_ = part[min(r * rows, args.vocab_size):min((r + 1) * rows, args.vocab_size)]
             return F.pad(mine_, (0, 0, 0, rows - mine_.shape[0]))
-        return part[:]  # the norms: every rank has them whole
+        if name.endswith("norm.weight"):  # every rank has the norms whole
+            return part[:]
+        raise ValueError(f"no tensor-parallel split is known for {name}")  # a bias of wo or w2 would be summed N times
 
     def connect(self, model: Transformer, vocab_size: int) -> Transformer:
         """Add the collectives to a loaded shard: attention's and the MLP's partial outputs are summed
@@ -114,21 +124,6 @@ class TensorParallel:
 
         model.register_forward_hook(whole_vocabulary)
         return model
-
-    # --- running as a group -------------------------------------------------------------------
-
-    def rank0_first(self, fn):
-        """fn() on rank 0, then on the others (what rank 0 did once, such as a conversion, they find done)."""
-        if self.rank == 0:
-            result = fn()
-        dist.barrier()
-        return result if self.rank == 0 else fn()
-
-    def from_rank0(self, fn):
-        """fn()'s result on rank 0, given to every rank (what only one process may read, such as stdin)."""
-        box = [fn() if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 class VocabSlice(nn.Embedding):
@@ -167,31 +162,110 @@ def _divisors(*counts: int) -> str:
 def init(device: torch.device) -> TensorParallel:
     """Join the ranks torchrun started (it sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous): with
     device "cuda", NCCL between GPUs, the rank of local rank r on cuda:r; with "cpu", gloo."""
-    global _store
-    local, cuda = int(os.environ["LOCAL_RANK"]), device.type == "cuda"
+    global _group, _store
+    cuda = device.type == "cuda"
     if cuda:
         if device.index is not None:
             raise UsageError(f"under torchrun each rank runs on cuda:LOCAL_RANK; give --device cuda, not {device}",
                              ("device",))
-        if local >= torch.cuda.device_count():
-            raise UsageError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start at "
-                             f"most that many ranks per machine (torchrun --nproc-per-node)")
-        device = torch.device("cuda", local)
+        per_machine, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
+        if per_machine > gpus:  # checked alike on every rank, so that rank 0 says it (first_to_fail)
+            raise UsageError(f"{per_machine} ranks on this machine but it has {gpus} GPUs: start at most {gpus} "
+                             f"(torchrun --nproc-per-node), or run them on the CPU (--device cpu)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     _store, rank, world = next(dist.rendezvous("env://"))
     dist.init_process_group("nccl" if cuda else "gloo", store=_store, rank=rank, world_size=world,
                             device_id=device if cuda else None)
-    return TensorParallel(rank, world, device)
+    _group = TensorParallel(rank, world, device)
+    return _group
 
+
+def leave():
+    """Leave the group after a run that went well (NCCL warns at exit about a group left standing)."""
+    if _group is not None:
+        dist.destroy_process_group()
+
+
+# --- the ranks agree on the host, through the rendezvous store ----------------------------------------
+# Host-side waits (a conversion on rank 0, stdin, each rank's plan) go through torchrun's store, not
+# through GPU collectives, whose watchdog would end a wait of more than ten minutes.
+
+def _key(name: str) -> str:
+    """A store key of this run of torchrun (its store outlives a restart of the ranks)."""
+    run, restart = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"headinfer/{run}/{restart}/{name}"
+
+
+def _exchange(value) -> list:
+    """Every rank's `value`, in rank order, once every rank has given its own."""
+    global _exchanges
+    _exchanges += 1
+    keys = [_key(f"exchange{_exchanges}/{r}") for r in range(_group.world)]
+    _store.set(keys[_group.rank], pickle.dumps(value))
+    _store.wait(keys, HOST_WAIT)
+    return [pickle.loads(_store.get(k)) for k in keys]
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the others (what rank 0 did once, such as a conversion, they find
+    done); just fn() outside a group."""
+    if _group is None:
+        return fn()
+    result = fn() if _group.rank == 0 else None
+    _exchange(None)
+    return result if _group.rank == 0 else fn()
+
+
+def from_rank0(fn):
+    """Rank 0's fn() on every rank (what only one process may read, such as stdin, or what must be
+    the same everywhere, such as a prompt's ids); just fn() outside a group."""
+    if _group is None:
+        return fn()
+    return _exchange(fn() if _group.rank == 0 else None)[0]
+
+
+def agree(fn):
+    """fn() on every rank of a group, once all have arrived (so that none has allocated yet); a
+    refusal on any of them refuses on all, with the same message: the lowest failing rank's."""
+    if _group is None:
+        return fn()
+    _exchange(None)
+    try:
+        result, failure = fn(), None
+    except UsageError as e:
+        result, failure = None, (str(e), e.options)
+    for rank, failed in enumerate(_exchange(failure)):
+        if failed is not None:
+            message, options = failed
+            raise UsageError(message if rank == 0 else f"rank {rank}: {message}", options)
+    return result
+
+
+def fewest_over_ranks(n: int) -> int:
+    """The smallest of every rank's n (n itself outside a group)."""
+    return n if _group is None else min(_exchange(n))
+
+
+def rank_file(path) -> Path:
+    """The file of this rank's part of `path` (a prompt cache of its own heads), `path` outside a group:
+    book.kv is book.kv.rank0-of-2 and book.kv.rank1-of-2 for two ranks."""
+    path = Path(path)
+    return path if _group is None else path.with_name(f"{path.name}.rank{_group.rank}-of-{_group.world}")
+
+
+# --- failing as a group ---------------------------------------------------------------------------
 
 def first_to_fail() -> bool:
     """Called by a rank that fails: True for the first rank of the group to fail, which alone says why;
     the others fail because it did (a peer that left), or in the same way, and stay silent. True
     outside torchrun."""
-    if _store is None:  # failing before the group has met, each rank fails alike (the same arguments): rank 0 says it
-        return os.environ.get("RANK", "0") == "0"
+    if not launched():
+        return True
+    if _store is None:  # before the group has met, every rank fails alike (the same arguments): rank 0 says it
+        return os.environ["RANK"] == "0"
     try:
-        return _store.add(_FAILURES, 1) == 1
+        return _store.add(_key("failures"), 1) == 1
     except Exception:  # noqa: BLE001  the store is gone with torchrun's agent: someone else has failed
         return False
 
@@ -202,43 +276,16 @@ def failed_elsewhere() -> bool:
     if _store is None:
         return False
     try:
-        return _store.add(_FAILURES, 0) > 0
+        return _store.add(_key("failures"), 0) > 0
     except Exception:  # noqa: BLE001  as in first_to_fail
         return True
 
 
-def agree(fn):
-    """fn() on every rank of a group (once all have arrived, so that none has allocated yet), and a
-    refusal on any of them refuses on all, with the same message: the lowest failing rank's."""
-    if not dist.is_initialized():
-        return fn()
-    dist.barrier()
-    try:
-        result, failure = fn(), None
-    except UsageError as e:
-        result, failure = None, (str(e), e.options)
-    failures = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
-    for rank, failed in enumerate(failures):
-        if failed is not None:
-            message, options = failed
-            raise UsageError(message if rank == 0 else f"rank {rank}: {message}", options)
-    return result
-
-
-def rank_file(path) -> Path:
-    """The file of this rank's part of `path` (a prompt cache of its own heads), `path` outside a group:
-    book.kv is book.kv.rank0-of-2 and book.kv.rank1-of-2 for two ranks."""
-    path = Path(path)
-    if not dist.is_initialized():
-        return path
-    return path.with_name(f"{path.name}.rank{dist.get_rank()}-of-{dist.get_world_size()}")
-
-
-def fewest_over_ranks(n: int) -> int:
-    """The smallest of every rank's n (n itself outside a group)."""
-    if not dist.is_initialized():
-        return n
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, n)
-    return min(every)
+def exit_process(code: int):
+    """End this process. A rank of a group skips the interpreter's teardown, where NCCL may wait for
+    peers that are gone; torchrun ends the others."""
+    if _group is None:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -96,6 +96,13 @@ def test_each_rank_holds_its_share_of_the_heads_mlp_and_vocabulary(ranks):
     assert shard.vocab_size == -(-101 // n) and shard.dim == 48
 
 
+def test_a_decode_step_is_two_all_reduces_per_layer_and_two_for_the_vocabulary(ranks):
+    # What bench/NOTES.md item 12 counts: the embedding, attention and the MLP of each layer sum one
+    # hidden state each (dim values), and the logits one padded vocabulary.
+    n = len(ranks)
+    assert ranks[0]["collectives"] == [48] + [48, 48] * 3 + [-(-101 // n) * n]
+
+
 def test_every_rank_computes_the_same_logits_tokens_and_answers(ranks):
     for other in ranks[1:]:
         for key, value in ranks[0].items():
@@ -129,6 +136,13 @@ def test_greedy_tokens_and_many_answers_are_one_process_ones(ranks, alone, polic
         assert len(set(expected)) > 2  # a model whose tokens vary, or equality would prove little
     answers = G.generate_many(alone, W.PROMPT[:29], W.QUESTIONS, 12, offload=policy, prefill_chunk=4)
     assert ranks[0][f"answers {policy}"] == answers
+
+
+def test_sampling_with_one_seed_draws_the_same_tokens_on_every_rank_as_in_one_process(ranks, alone):
+    # Equal logits on every rank (the test above) and one seed: equal draws. One process's logits
+    # differ in the last bits only, which moves a draw only when it falls that close to a boundary.
+    expected = G.generate(alone, W.PROMPT, 24, temperature=1.0, seed=W.SEED)
+    assert ranks[0]["sampled"] == expected and len(set(expected)) > 10
 
 
 def test_a_shard_is_the_full_tensor_cut_by_heads_rows_and_columns(ckpt):
@@ -218,6 +232,17 @@ def test_the_compiled_decode_step_runs_in_a_group(chat_ckpt, capsys):
     assert json.loads(r.stdout.strip().splitlines()[-1])["new_tokens"] == expected["new_tokens"]
 
 
+def test_sampling_without_a_seed_uses_rank_0s_random_seed_on_every_rank(tmp_path):
+    # Ranks that drew different tokens would feed different ids into the same all-reduces: no error,
+    # only a wrong answer. The CLI gives every rank rank 0's seed (tests/tp_seed.py writes each rank's).
+    r = torchrun(2, "tests/tp_seed.py", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seeds = [int((tmp_path / f"seed{rank}").read_text()) for rank in range(2)]
+    assert seeds[0] == seeds[1]
+    again = torchrun(2, "tests/tp_seed.py", tmp_path)
+    assert again.returncode == 0 and int((tmp_path / "seed0").read_text()) != seeds[0]  # drawn afresh each run
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -231,10 +256,20 @@ def test_a_group_the_heads_cannot_be_split_over_is_refused_in_one_line(chat_ckpt
 
 
 @pytest.mark.default_model
+def test_what_one_rank_cannot_fit_is_refused_on_all_in_one_line_before_loading(chat_ckpt):
+    # tensor_parallel.agree: the same for the weights' check here and for each rank's KV plan.
+    r = torchrun(2, "tests/tp_fault.py", "ram", "--checkpoint", chat_ckpt)  # rank 1 has 1 KiB of host RAM
+    assert r.returncode != 0 and r.stdout == ""
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1: the weights in torch.float32 need "), r.stderr
+    assert "rank 0" not in r.stderr.split("torch/distributed/elastic")[0]  # rank 0 refused with it, said nothing
+
+
+@pytest.mark.default_model
 def test_a_rank_that_fails_during_prefill_ends_every_rank_with_one_line(chat_ckpt):
     # tests/tp_fault.py is generate.py's CLI with rank 1's prefill raising after its first chunk, while
     # rank 0 waits in an all-reduce for it: the group must end (no hang) and say so once.
-    r = torchrun(2, "tests/tp_fault.py", "--checkpoint", chat_ckpt, "--prefill-chunk", "8")
+    r = torchrun(2, "tests/tp_fault.py", "prefill", "--checkpoint", chat_ckpt, "--prefill-chunk", "8")
     assert r.returncode != 0
     assert error_lines(r.stderr) == ["error: rank 1 failed: RuntimeError: injected fault in prefill"]
     ours = r.stderr.split("torch/distributed/elastic")[0]  # what the ranks printed before torchrun's report

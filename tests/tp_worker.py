@@ -16,6 +16,7 @@ POLICIES, CHUNKS = ("none", "layer", "head"), (3, 16)
 PROMPT = [(7 * i + 3) % 101 for i in range(37)]        # 37 tokens: chunks of 3 and 16 end mid-chunk
 QUESTIONS = [PROMPT[:5], PROMPT[10:19], PROMPT[4:5]]    # after PROMPT[:29], of different lengths
 DECODE = 6
+SEED = 5
 
 
 @torch.no_grad()
@@ -32,16 +33,32 @@ def logits_of(model, policy, chunk):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def collectives_of_a_decode_step(model):
+    """The element counts of the all-reduces of one decode step (tensor_parallel._sum, counted)."""
+    cache = make_cache(plan_cache(model.args, 8, torch.float32, "cpu", "head"), model.args)
+    model(torch.tensor([PROMPT[:4]]), torch.arange(4), cache)
+    sizes, real_sum = [], tensor_parallel._sum
+    tensor_parallel._sum = lambda x: sizes.append(x.numel()) or real_sum(x)
+    try:
+        model(torch.tensor([[PROMPT[4]]]), torch.tensor([4]), cache)
+    finally:
+        tensor_parallel._sum = real_sum
+    return sizes
+
+
 def main(ckpt, out):
     tp = tensor_parallel.init(torch.device("cpu"))
     model, _ = load_model(ckpt, tp=tp)
-    results = {"shard_args": model.args}
+    results = {"shard_args": model.args, "collectives": collectives_of_a_decode_step(model)}
     for policy in POLICIES:
         for chunk in CHUNKS:
             results[f"logits {policy} {chunk}"] = logits_of(model, policy, chunk)
             results[f"tokens {policy} {chunk}"] = generate(model, PROMPT, 24, offload=policy, prefill_chunk=chunk)
         results[f"answers {policy}"] = generate_many(model, PROMPT[:29], QUESTIONS, 12, offload=policy, prefill_chunk=4)
+    results["sampled"] = generate(model, PROMPT, 24, temperature=1.0, seed=SEED)  # the same draws on every rank
     torch.save(results, Path(out) / f"rank{tp.rank}.pt")
+    tensor_parallel.leave()
 
 
 if __name__ == "__main__":
