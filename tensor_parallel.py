@@ -101,8 +101,8 @@ class TensorParallel:
             return part[mine(part.get_shape()[0])]
         if name in ("tok_embeddings.weight", "output.weight"):  # rows of the vocabulary, padded to 1/n rounded up
             rows = -(-args.vocab_size // n)
-            mine_ = part[min(r * rows, args.vocab_size):min((r + 1) * rows, args.vocab_size)]
-            return F.pad(mine_, (0, 0, 0, rows - mine_.shape[0]))
+            held = part[min(r * rows, args.vocab_size):min((r + 1) * rows, args.vocab_size)]
+            return F.pad(held, (0, 0, 0, rows - held.shape[0]))
         if name.endswith("norm.weight"):  # every rank has the norms whole
             return part[:]
         raise ValueError(f"no tensor-parallel split is known for {name}")  # a bias of wo or w2 would be summed N times
@@ -118,8 +118,8 @@ class TensorParallel:
 
         def whole_vocabulary(_model, _inputs, logits):
             # Each rank's slice in its place and zeros elsewhere: the sum is every slice side by side,
-            # exactly (x + 0 = x). One position's logits per pass, so all-reduce beats a gather here,
-            # and its API is the same in every torch version.
+            # exactly (x + 0 = x). A pass has one position's logits, so the all-reduce's N-fold bytes
+            # over a gather's are small, and its functional API is the same in torch 2.11 and 2.13.
             return _sum(F.pad(logits, (before, after)))[..., :vocab_size]
 
         model.register_forward_hook(whole_vocabulary)
