@@ -192,6 +192,16 @@ def test_the_cli_prints_once_and_answers_as_one_process(chat_ckpt, capsys, tmp_p
     assert r.stderr.count("plan: head offload") == 1
 
 
+@pytest.mark.slow
+@pytest.mark.default_model
+def test_the_embedded_model_in_three_ranks_answers_as_one_process(capsys):
+    expected, _ = run_json([], capsys)  # the README's main job: "What is the capital of France?"
+    r = torchrun(3, "generate.py", "--json")  # SmolLM2-135M has 3 KV heads: 3 ranks of one each
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["new_tokens"] == expected["new_tokens"] and "Paris" in got["text"]
+
+
 @pytest.mark.default_model
 def test_the_cli_answers_many_questions_read_from_stdin_as_one_process(chat_ckpt, capsys, tmp_path):
     (tmp_path / "doc.txt").write_text("A document about the capital of France. " * 8)
