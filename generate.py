@@ -5,6 +5,7 @@
     python generate.py --prompt-file book.txt --prompt "Who is the narrator?" --prompt-cache book.kv  # KV kept on disk
     python generate.py -i --prompt-file book.txt         # a chat about the book: each turn prefills only itself
     python generate.py --prompt-file book.txt --questions-file qs.txt   # many questions, decoded together
+    torchrun --nproc-per-node 3 generate.py              # tensor parallelism: each rank 1/3 of the heads
 
 Python:
     from generate import load_model, generate

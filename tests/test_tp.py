@@ -29,7 +29,7 @@ GROUP_TIMEOUT_S = 300  # a group that hangs fails the test instead of the suite
 # A rank's model does one process's arithmetic except where the all-reduces finish the sums of
 # attention's and the MLP's output projections: N partial sums added in another order than one matmul
 # adds them, rounded once more each. Measured over these 3 layers, 2 and 4 ranks, 3 policies and
-# chunks 3/16: at most 5.7e-7 on logits up to 1.3 (a few ulps); 1e-5 allows about twenty times that.
+# chunks 3/16: at most 5.7e-7 on logits up to 1.3 (a few ulps); 1e-5 allows about 17 times that.
 LOGIT_ATOL = 1e-5
 
 
