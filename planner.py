@@ -144,15 +144,20 @@ def _check_host(plan: Plan, host_available: int | None) -> Plan:
 def host_available_bytes() -> int | None:
     """This process's share of the host RAM the OS can give without swapping (MemAvailable from
     /proc/meminfo); the ranks of a tensor-parallel group on one machine share it equally. None if unknown."""
+    available = _machine_available_bytes()
+    return None if available is None else available // local_ranks()
+
+
+def _machine_available_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // local_ranks()
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // local_ranks()
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
 

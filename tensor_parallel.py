@@ -264,21 +264,22 @@ def first_to_fail() -> bool:
         return True
     if _store is None:  # before the group has met, every rank fails alike (the same arguments): rank 0 says it
         return os.environ["RANK"] == "0"
-    try:
-        return _store.add(_key("failures"), 1) == 1
-    except Exception:  # noqa: BLE001  the store is gone with torchrun's agent: someone else has failed
-        return False
+    return _failures(add=1) == 1
 
 
 def failed_elsewhere() -> bool:
     """Whether another rank of the group has failed (then this rank's run ends because of it, and the
     other rank says why); False outside a group."""
-    if _store is None:
-        return False
+    return _store is not None and _failures(add=0) > 0
+
+
+def _failures(add: int) -> int:
+    """The group's count of failed ranks, after adding `add`; when the store is gone with torchrun's
+    agent, someone has failed (and counts as the first)."""
     try:
-        return _store.add(_key("failures"), 0) > 0
-    except Exception:  # noqa: BLE001  as in first_to_fail
-        return True
+        return _store.add(_key("failures"), add)
+    except Exception:  # noqa: BLE001  whatever the store raises once its server is gone
+        return 2
 
 
 def exit_process(code: int):

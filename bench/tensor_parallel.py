@@ -50,8 +50,12 @@ def write_checkpoint(out: Path) -> Path:
     return out
 
 
+def threads_per_rank(ranks: int) -> int:
+    return max(1, (os.cpu_count() or 1) // ranks)
+
+
 def run_row(ranks: int, argv: list[str]) -> dict:
-    threads = max(1, (os.cpu_count() or 1) // ranks)
+    threads = threads_per_rank(ranks)
     launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, *launcher, "generate.py", *argv, "--json"], cwd=ROOT, env=env,
@@ -66,7 +70,7 @@ def all_reduce_latency(ranks: int) -> dict:
     """bench/all_reduce.py in a group of `ranks`, with the threads a row of that group has."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "all_reduce.json"
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(ranks))}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                         "bench/all_reduce.py", str(out)], cwd=ROOT, env=env, capture_output=True, check=True)
         return json.loads(out.read_text())

@@ -11,6 +11,7 @@ import torch
 import tensor_parallel
 from generate import generate, generate_many, load_model
 from planner import make_cache, plan_cache
+from tests.test_offload import logits_of as chunked_then_greedy
 
 POLICIES, CHUNKS = ("none", "layer", "head"), (3, 16)
 PROMPT = [(7 * i + 3) % 101 for i in range(37)]        # 37 tokens: chunks of 3 and 16 end mid-chunk
@@ -19,18 +20,10 @@ DECODE = 6
 SEED = 5
 
 
-@torch.no_grad()
 def logits_of(model, policy, chunk):
     """Every prompt position's logits from a chunked prefill, then DECODE greedy steps': [T + DECODE, vocab]."""
     cache = make_cache(plan_cache(model.args, len(PROMPT) + DECODE, torch.float32, "cpu", policy), model.args)
-    tokens, out = torch.tensor([PROMPT]), []
-    for s in range(0, len(PROMPT), chunk):
-        part = tokens[:, s:s + chunk]
-        out.append(model(part, torch.arange(s, s + part.shape[1]), cache)[0])
-    for i in range(DECODE):
-        token = out[-1][-1:].argmax(-1)[None]
-        out.append(model(token, torch.tensor([len(PROMPT) + i]), cache)[0])
-    return torch.cat(out)
+    return chunked_then_greedy(model, cache, torch.tensor([PROMPT]), chunk, DECODE)[0]
 
 
 @torch.no_grad()
