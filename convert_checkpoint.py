@@ -1,4 +1,4 @@
-"""Convert a Hugging Face checkpoint (local dir or hub repo id) or a llama GGUF file into our
+"""Convert a Hugging Face checkpoint (local dir or hub repo id) or a GGUF file into our
 checkpoint dir: config.json (the ModelArgs fields), model.safetensors (our tensor names, q/k rows in
 HF's rotate-half RoPE layout) and the tokenizer files. See CHECKPOINT_FORMAT.md.
 
@@ -22,6 +22,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from errors import UsageError
+from model import ModelArgs
 
 
 class ConversionError(UsageError):
@@ -31,7 +32,9 @@ class ConversionError(UsageError):
         super().__init__(" ".join(str(message).split()), options)
 
 
-HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                    "Gemma2ForCausalLM")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # what we dequantize
@@ -53,9 +56,17 @@ HF_NAMES = {
     "layers.{}.feed_forward.w1.weight": ["model.layers.{}.mlp.gate_proj.weight"],
     "layers.{}.feed_forward.w3.weight": ["model.layers.{}.mlp.up_proj.weight"],
     "layers.{}.feed_forward.w2.weight": ["model.layers.{}.mlp.down_proj.weight"],
+    "layers.{}.attention.q_norm.weight": ["model.layers.{}.self_attn.q_norm.weight"],
+    "layers.{}.attention.k_norm.weight": ["model.layers.{}.self_attn.k_norm.weight"],
     "norm.weight": ["model.norm.weight"],
     "output.weight": ["lm_head.weight"],
 }
+# Gemma-2 names its four norms differently: its post_attention_layernorm follows attention (a
+# sandwich norm), where Llama's is the norm before the MLP.
+HF_GEMMA2_NAMES = {**HF_NAMES,
+                   "layers.{}.post_attention_norm.weight": ["model.layers.{}.post_attention_layernorm.weight"],
+                   "layers.{}.ffn_norm.weight": ["model.layers.{}.pre_feedforward_layernorm.weight"],
+                   "layers.{}.post_ffn_norm.weight": ["model.layers.{}.post_feedforward_layernorm.weight"]}
 GGUF_NAMES = {
     "tok_embeddings.weight": ["token_embd.weight"],
     "layers.{}.attention_norm.weight": ["blk.{}.attn_norm.weight"],
@@ -66,6 +77,10 @@ GGUF_NAMES = {
     "layers.{}.feed_forward.w1.weight": ["blk.{}.ffn_gate.weight"],
     "layers.{}.feed_forward.w3.weight": ["blk.{}.ffn_up.weight"],
     "layers.{}.feed_forward.w2.weight": ["blk.{}.ffn_down.weight"],
+    "layers.{}.attention.q_norm.weight": ["blk.{}.attn_q_norm.weight"],
+    "layers.{}.attention.k_norm.weight": ["blk.{}.attn_k_norm.weight"],
+    "layers.{}.post_attention_norm.weight": ["blk.{}.post_attention_norm.weight"],
+    "layers.{}.post_ffn_norm.weight": ["blk.{}.post_ffw_norm.weight"],
     "norm.weight": ["output_norm.weight"],
     "output.weight": ["output.weight"],
 }
@@ -97,12 +112,8 @@ def hf_config(hf: dict) -> dict:
             "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
     else:
         raise ConversionError(f"unsupported rope scaling type {rope_type!r} (supported: llama3)")
-    window = hf.get("sliding_window")
-    if window and hf.get("use_sliding_window", True) and window < hf["max_position_embeddings"]:
-        print(f"warning: {arch} was trained with a {window}-token sliding window; we attend over the "
-              f"full context, which matches the original only up to {window} tokens", file=sys.stderr)
     n_head = hf["num_attention_heads"]
-    return {
+    config = {
         "dim": hf["hidden_size"],
         "n_layer": hf["num_hidden_layers"],
         "n_head": n_head,
@@ -114,9 +125,38 @@ def hf_config(hf: dict) -> dict:
         "rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         "rope_scaling": rope_scaling,
         "qkv_bias": arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
-        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "qk_norm": arch == "Qwen3ForCausalLM",
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", arch == "Gemma2ForCausalLM")),
         "max_seq_len": hf["max_position_embeddings"],
+        **sliding_windows(hf),
     }
+    if arch == "Gemma2ForCausalLM":
+        activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if activation != "gelu_pytorch_tanh":
+            raise ConversionError(f"unsupported Gemma-2 activation {activation!r} (supported: gelu_pytorch_tanh)")
+        config.update(gemma2_config(hf["hidden_size"], hf.get("query_pre_attn_scalar", 256),
+                                    hf.get("attn_logit_softcapping"), hf.get("final_logit_softcapping")))
+    return config
+
+
+def gemma2_config(dim: int, query_pre_attn_scalar: float, attn_softcap: float | None,
+                  final_softcap: float | None) -> dict:
+    """What sets Gemma-2 apart from Llama (Gemma Team, arXiv 2408.00118, Sec. 2), as ModelArgs fields."""
+    return {"embedding_scale": dim ** 0.5, "norm_offset": 1.0, "sandwich_norm": True, "mlp_activation": "gelu_tanh",
+            "query_pre_attn_scalar": query_pre_attn_scalar, "attn_softcap": attn_softcap,
+            "final_softcap": final_softcap}
+
+
+def sliding_windows(hf: dict) -> dict:
+    """The sliding window and the layers that use it: config.layer_types where transformers writes it
+    (Gemma-2 alternates, Qwen's use_sliding_window picks layers), else every layer when the config
+    has a window (Mistral)."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    types = hf.get("layer_types")
+    if not window or window >= hf["max_position_embeddings"]:  # a window as long as the context is none
+        return {"sliding_window": None, "sliding_layers": []}
+    layers = [i for i, t in enumerate(types) if t == "sliding_attention"] if types else list(range(hf["num_hidden_layers"]))
+    return {"sliding_window": window if layers else None, "sliding_layers": layers}
 
 
 def open_hf_dir(path: Path) -> Source:
@@ -170,7 +210,8 @@ def open_hf_dir(path: Path) -> Source:
             if (path / name).is_file():
                 shutil.copy(path / name, out / name)
 
-    return Source(config, HF_NAMES, meta, load, ignore, write_tokenizer)
+    names = HF_GEMMA2_NAMES if config.get("sandwich_norm") else HF_NAMES
+    return Source(config, names, meta, load, ignore, write_tokenizer)
 
 
 def download(repo_id: str) -> Path:
@@ -211,32 +252,47 @@ def open_gguf(path: Path) -> Source:
         return default
 
     arch = field("general.architecture")
-    if arch != "llama":
-        raise ConversionError(f"unsupported GGUF architecture {arch} (supported: llama)")
-    scaling = field("llama.rope.scaling.type", "none")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConversionError(f"unsupported GGUF architecture {arch} (supported: {', '.join(GGUF_ARCHITECTURES)})")
+    scaling = field(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise ConversionError(f"unsupported GGUF rope scaling type {scaling!r}")
 
     tensors = {t.name: t for t in reader.tensors}
     # 9.999999747378752e-06 -> 1e-05: the float32 metadata value, written as its shortest decimal
     f32 = lambda x: float(str(np.float32(x)))
-    n_head, dim = field("llama.attention.head_count"), field("llama.embedding_length")
-    n_kv_head = field("llama.attention.head_count_kv", n_head)
+    n_head, dim = field(f"{arch}.attention.head_count"), field(f"{arch}.embedding_length")
+    n_kv_head = field(f"{arch}.attention.head_count_kv", n_head)
+    n_layer = field(f"{arch}.block_count")
+    head_dim = field(f"{arch}.attention.key_length", field(f"{arch}.rope.dimension_count", dim // n_head))
     config = {
         "dim": dim,
-        "n_layer": field("llama.block_count"),
+        "n_layer": n_layer,
         "n_head": n_head,
         "n_kv_head": n_kv_head,
-        "head_dim": field("llama.attention.key_length", field("llama.rope.dimension_count", dim // n_head)),
-        "intermediate_size": field("llama.feed_forward_length"),
-        "vocab_size": field("llama.vocab_size", 0) or len(field("tokenizer.ggml.tokens")),
-        "norm_eps": f32(field("llama.attention.layer_norm_rms_epsilon")),
-        "rope_base": f32(field("llama.rope.freq_base", 10000.0)),
+        "head_dim": head_dim,
+        "intermediate_size": field(f"{arch}.feed_forward_length"),
+        "vocab_size": field(f"{arch}.vocab_size", 0) or len(field("tokenizer.ggml.tokens")),
+        "norm_eps": f32(field(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_base": f32(field(f"{arch}.rope.freq_base", 10000.0)),
         "rope_scaling": None,
+        # Llama-3.1's frequency scaling, as llama.cpp stores it: one divisor per rotated pair.
+        "rope_freq_factors": gguf_f32(tensors["rope_freqs.weight"]).flatten().tolist() if "rope_freqs.weight" in tensors else None,
         "qkv_bias": "blk.0.attn_q.bias" in tensors,
+        "qk_norm": "blk.0.attn_q_norm.weight" in tensors,
         "tie_word_embeddings": "output.weight" not in tensors,
-        "max_seq_len": field("llama.context_length"),
+        "max_seq_len": field(f"{arch}.context_length"),
     }
+    if arch == "gemma2":
+        # llama.cpp writes no query_pre_attn_scalar: it scales by head_dim ** -0.5, except for the 27B
+        # model (46 layers), whose scalar is dim / n_head (as in HF's configs of the three sizes).
+        scalar = dim // n_head if n_layer == 46 else head_dim
+        config.update(gemma2_config(dim, scalar, field("gemma2.attn_logit_softcapping", 50.0),
+                                    field("gemma2.final_logit_softcapping", 30.0)),
+                      sliding_window=field("gemma2.attention.sliding_window"),
+                      sliding_layers=list(range(0, n_layer, 2)))  # the even layers are local, as in HF
+    else:
+        config.update(sliding_window=None, sliding_layers=[])
 
     # GGUF lists dims innermost first; dequantized data is [rows, cols] like torch
     meta = {name: (tuple(int(d) for d in reversed(t.shape)),
@@ -244,12 +300,15 @@ def open_gguf(path: Path) -> Source:
             for name, t in tensors.items()}
 
     def load(name):
-        t = tensors[name]
-        w = torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(meta[name][0])
-        if ".attn_q." in name:
+        w = gguf_f32(tensors[name]).reshape(meta[name][0])
+        if arch == "llama" and ".attn_q." in name:  # only llama's q/k rows are permuted (the others use NeoX RoPE)
             w = unpermute(w, n_head)
-        elif ".attn_k." in name:
+        elif arch == "llama" and ".attn_k." in name:
             w = unpermute(w, n_kv_head)
+        elif arch == "gemma2" and name.endswith("norm.weight"):
+            # llama.cpp stores Gemma's norms as 1 + weight; we keep HF's weight (config norm_offset).
+            # y - 1 is exact in fp32 for y in [0.5, 2] (Sterbenz), so 1 + (y - 1) gives y back.
+            w = w - 1
         return w
 
     def write_tokenizer(out: Path):
@@ -260,7 +319,13 @@ def open_gguf(path: Path) -> Source:
             except ValueError as e:  # a tokenizer kind tokenizer.py does not support
                 raise ConversionError(f"{path}: {e}") from None
 
-    return Source(config, GGUF_NAMES, meta, load, set(), write_tokenizer)
+    return Source(config, GGUF_NAMES, meta, load, {"rope_freqs.weight"}, write_tokenizer)
+
+
+def gguf_f32(t) -> torch.Tensor:
+    """A GGUF tensor's values in fp32 (dequantized), flat or [rows, cols]."""
+    import gguf
+    return torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type))
 
 
 # ---------------------------------------------------------------- writing our checkpoint
@@ -277,6 +342,10 @@ def expected_shapes(c: dict) -> dict:
         if c["qkv_bias"]:
             shapes[p + "attention.wqkv.bias"] = [(q,), (kv,), (kv,)]
         shapes[p + "attention.wo.weight"] = [(d, q)]
+        if c.get("qk_norm"):
+            shapes[p + "attention.q_norm.weight"] = shapes[p + "attention.k_norm.weight"] = [(hd,)]
+        if c.get("sandwich_norm"):
+            shapes[p + "post_attention_norm.weight"] = shapes[p + "post_ffn_norm.weight"] = [(d,)]
         shapes[p + "ffn_norm.weight"] = [(d,)]
         shapes[p + "feed_forward.w1.weight"] = [(hidden, d)]
         shapes[p + "feed_forward.w3.weight"] = [(hidden, d)]
@@ -353,6 +422,10 @@ def convert(src, out_dir, force: bool = False) -> Path:
     if Path(src).exists() and out.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
         raise ConversionError(f"the output {out} would overwrite the source {src}", ("out",))
     source = open_source(str(src))
+    try:
+        args = ModelArgs(**source.config)  # every field written, the defaults too
+    except ValueError as e:
+        raise ConversionError(f"{src}: {e}") from None
     plan = plan_tensors(source)
 
     # Build everything in a temp dir next to out and rename at the end: an interrupted
@@ -362,7 +435,7 @@ def convert(src, out_dir, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        (tmp / "config.json").write_text(json.dumps(source.config, indent=2) + "\n")
+        args.to_json(tmp / "config.json")
         source.write_tokenizer(tmp)
         write_safetensors(tmp / "model.safetensors", plan, source.load)
         if out.exists():

@@ -27,8 +27,13 @@ from torch import Tensor
 from model import ModelArgs
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal SDPA of q [B, Hq, T, D] over k/v [B, Hk, S, D], the T queries being the last T keys."""
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, softcap: float | None = None,
+              window: int | None = None) -> Tensor:
+    """Causal attention of q [B, Hq, T, D] over k/v [B, Hk, S, D], the T queries being the last T keys.
+
+    The variants of a layer (ModelArgs): `scale` of the scores (default D ** -0.5), `softcap` (scores
+    become softcap * tanh(scores / softcap), Gemma-2), `window` (a query sees itself and the window - 1
+    keys before it, Mistral and Gemma-2's local layers)."""
     Hk = k.shape[1]
     if q.device.type == "cpu" and Hk > 1:
         # One KV head per call on the CPU. Its flash kernel splits the keys over threads when a call
@@ -36,86 +41,137 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # Every policy calls per KV head, whatever its grouping, so all of them do the same arithmetic
         # and agree bit for bit. (CUDA kernels parallelize per head: one call there.)
         rep = q.shape[1] // Hk
-        return torch.cat([_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1])
+        return torch.cat([attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1], scale, softcap, window)
                           for h in range(Hk)], dim=1)
-    return _attention(q, k, v)
+    T, S = q.shape[2], k.shape[2]
+    if window is not None and S - T - window + 1 > 0:  # keys that no query sees: leave them out
+        k, v = k[:, :, S - T - window + 1:], v[:, :, S - T - window + 1:]
+    if softcap is not None:  # SDPA cannot soft-cap the scores
+        B, Hq, T, D = q.shape
+        rows = (q.float() * (scale or D ** -0.5)).reshape(B, Hk, Hq // Hk * T, D)
+        out, _ = _written_out(rows, k, v, softcap, _own_keys(T, k.shape[2], Hq // Hk, q.device), window)
+        return out.reshape(q.shape).type_as(q)
+    return _sdpa(q, k, v, scale, window)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, window: int | None) -> Tensor:
     B, Hq, T, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     if T == 1:
-        # Decode: one query attends to every key, so no mask is needed, and the query heads that
-        # share a KV head can ride in the sequence dimension (GQA without repeating K/V).
-        out = F.scaled_dot_product_attention(q.reshape(B, Hk, Hq // Hk, D), k, v)
+        # Decode: one query attends to every key (a window has already dropped those it cannot see), so
+        # no mask is needed, and the query heads that share a KV head can ride in the sequence
+        # dimension (GQA without repeating K/V).
+        out = F.scaled_dot_product_attention(q.reshape(B, Hk, Hq // Hk, D), k, v, scale=scale)
         return out.reshape(B, Hq, 1, D)
     # Chunked prefill: causal mask aligned bottom-right; the top-left default would let chunk i
-    # see only the first tokens of the context.
-    mask = _lower_right(T, S)
+    # see only the first tokens of the context. A window needs an explicit mask, T x S booleans.
+    mask = _lower_right(T, S) if window is None else _visible(_own_keys(T, S, 1, q.device), S, window)
     if Hq == Hk:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     # GQA: one call per query head of each KV head, so every call has equal head counts. The fused
     # kernels take the bottom-right mask only then (enable_gqa rules out the memory-efficient
     # kernel and can fall back to the math one, which materializes T x S scores); K/V are not copied.
     q = q.unflatten(1, (Hk, Hq // Hk))
-    outs = [F.scaled_dot_product_attention(q[:, :, r], k, v, attn_mask=mask) for r in range(Hq // Hk)]
+    outs = [F.scaled_dot_product_attention(q[:, :, r], k, v, attn_mask=mask, scale=scale) for r in range(Hq // Hk)]
     return torch.stack(outs, dim=2).flatten(1, 2)
 
 
-# Blocks of shared_attention: the fp32 scores of a block of queries over a block of keys, and that
-# block's fp32 K and V, stay within this size each (a few fit in the planner's activation margin, at
-# any context and any number of queries). A block has at least MIN_BLOCK_KEYS keys: smaller products
-# would be all launch overhead.
+def _own_keys(T: int, S: int, rep: int, device) -> Tensor:
+    """For each query row of a KV head (its `rep` query heads one after another, T queries each), the
+    index of its own token among the S keys: the queries are the last T keys. Shape [rep * T, 1]."""
+    return (torch.arange(S - T, S, device=device).repeat(rep))[:, None]
+
+
+def _visible(own: Tensor, keys, window: int | None) -> Tensor:
+    """Which keys (indices, or a count from 0) each query row sees: itself and those before it, in the window."""
+    keys = torch.arange(keys, device=own.device) if isinstance(keys, int) else keys
+    seen = keys <= own
+    return seen if window is None else seen & (keys > own - window)
+
+
+# Blocks of the written-out attention: the fp32 scores of a block of queries over a block of keys,
+# and that block's fp32 K and V, stay within this size each (a few fit in the planner's activation
+# margin, at any context and any number of queries). A block has at least MIN_BLOCK_KEYS keys:
+# smaller products would be all launch overhead.
 SHARED_BLOCK_BYTES = 32 << 20
 MIN_BLOCK_KEYS = 256
 
 
-def shared_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _written_out(rows: Tensor, k: Tensor, v: Tensor, softcap: float | None = None, own: Tensor | None = None,
+                 window: int | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax attention of query rows [B, Hk, Q, D] (fp32, already scaled) over k/v [B, Hk, S, D],
+    written out in fp32 for what SDPA cannot do: soft-capped scores, and the log-sum-exp of the
+    scores that shared_attention returns. `own` [Q, 1]: each row's own key, for a causal mask (and
+    `window`); None: every row sees every key. Returns the output [B, Hk, Q, D] and log-sum-exp [B, Hk, Q].
+
+    The keys go in blocks, with flash attention's running maximum and sum (Dao et al., arXiv
+    2205.14135, Alg. 1), so memory is bounded at any context; rows are sliced too when there are
+    so many that a block of MIN_BLOCK_KEYS keys would not bound their scores.
+    """
+    B, Hk, Q, D = rows.shape
+    n_rows = max(1, min(Q, SHARED_BLOCK_BYTES // (4 * B * Hk * MIN_BLOCK_KEYS)))
+    n_keys = max(MIN_BLOCK_KEYS, SHARED_BLOCK_BYTES // (4 * B * Hk * max(n_rows, D)))
+    parts = [_over_key_blocks(rows[:, :, r:r + n_rows], k, v, n_keys, softcap,
+                              None if own is None else own[r:r + n_rows], window) for r in range(0, Q, n_rows)]
+    if len(parts) == 1:  # decode: one slice, no copy
+        return parts[0]
+    return tuple(torch.cat(side, dim=2) for side in zip(*parts))
+
+
+def _over_key_blocks(rows, k, v, n_keys, softcap, own, window) -> tuple[Tensor, Tensor]:
+    top = torch.full((*rows.shape[:-1], 1), -torch.inf, device=rows.device)  # running maximum of each row's scores
+    total = torch.zeros_like(top)                                            # running sum of exp(score - top)
+    acc = torch.zeros_like(rows)                                             # running sum of exp(score - top) * v
+    for s in range(0, k.shape[2], n_keys):
+        scores = rows @ k[:, :, s:s + n_keys].float().mT  # [B, Hk, Q, keys]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if own is not None:
+            keys = torch.arange(s, s + scores.shape[-1], device=rows.device)
+            scores = scores.masked_fill(~_visible(own, keys, window), -torch.inf)
+        new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
+        # A row that has seen no key yet has a maximum of -inf; 0 stands in for it, so that its
+        # weights come out 0, not NaN.
+        ref = new_top.masked_fill(new_top == -torch.inf, 0.0)
+        weights = scores.sub_(ref).exp_()
+        fade = (top - ref).exp()
+        total = total * fade + weights.sum(dim=-1, keepdim=True)
+        acc = acc * fade + weights @ v[:, :, s:s + n_keys].float()
+        top = new_top
+    # total >= 1 once a row has seen a key (its maximum adds exp(0)); a row that saw none (an empty
+    # prefix) gets output 0 and log-sum-exp -inf, which merge() weighs 0.
+    return acc / total.clamp(min=1.0), (top + total.log()).squeeze(-1)
+
+
+def shared_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                     softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """Attention of B sequences' queries q [B, Hq, T, D] over one prefix they all share, k/v [1, Hk, S, D],
     without a mask (every query comes after the whole prefix). Returns the output [B, Hq, T, D] and the
     log-sum-exp of the scores [B, Hq, T], both fp32, which merge() needs to add the rest of each sequence.
 
     All queries of a KV head go into one matrix product, so the prefix's K/V are read once for all B
-    sequences (the point of decoding many questions together). SDPA returns no log-sum-exp, so this is
-    written out, in fp32, over blocks of keys merged as they come (bounded memory at any S and any
-    number of queries).
+    sequences (the point of decoding many questions together). SDPA returns no log-sum-exp, so this
+    is written out (_written_out).
     """
     Hk = k.shape[1]
     if q.device.type == "cpu" and Hk > 1:  # one KV head per call, as attention() does: equal sums for every policy
         rep = q.shape[1] // Hk
-        parts = [_shared_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1]) for h in range(Hk)]
+        parts = [_shared_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1], scale, softcap)
+                 for h in range(Hk)]
         return torch.cat([o for o, _ in parts], dim=1), torch.cat([l for _, l in parts], dim=1)
-    return _shared_attention(q, k, v)
+    return _shared_attention(q, k, v, scale, softcap)
 
 
-def _shared_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _shared_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                      softcap: float | None = None) -> tuple[Tensor, Tensor]:
     B, Hq, T, D = q.shape
     Hk = k.shape[1]
     rep = Hq // Hk
-    queries = (q.float() * D ** -0.5).reshape(B, Hk, rep * T, D).transpose(0, 1).reshape(Hk, B * rep * T, D)
-    # Decode has few queries (B x rep), and they all go in one slice; a long pass of many questions'
-    # tokens is sliced so that a block of MIN_BLOCK_KEYS keys still bounds their scores.
-    rows = max(1, min(queries.shape[1], SHARED_BLOCK_BYTES // (4 * Hk * MIN_BLOCK_KEYS)))
-    keys = max(MIN_BLOCK_KEYS, SHARED_BLOCK_BYTES // (4 * Hk * max(rows, D)))
-    parts = [_over_key_blocks(queries[:, r:r + rows], k[0], v[0], keys) for r in range(0, queries.shape[1], rows)]
-    out, lse = parts[0] if len(parts) == 1 else (torch.cat(side, dim=1) for side in zip(*parts))  # no copy in decode
+    # Every sequence's queries of a KV head are rows of one product with the prefix's keys.
+    rows = (q.float() * (scale or D ** -0.5)).reshape(B, Hk, rep * T, D).transpose(0, 1).reshape(1, Hk, B * rep * T, D)
+    out, lse = _written_out(rows, k, v, softcap)
     out = out.view(Hk, B, rep * T, D).transpose(0, 1).reshape(B, Hq, T, D)
     return out, lse.view(Hk, B, rep * T).transpose(0, 1).reshape(B, Hq, T)
-
-
-def _over_key_blocks(queries: Tensor, k: Tensor, v: Tensor, keys: int) -> tuple[Tensor, Tensor]:
-    """Softmax attention of queries [Hk, Q, D] (fp32, scaled) over k/v [Hk, S, D], `keys` keys at a time,
-    each block's result merged into the running one; output [Hk, Q, D] and log-sum-exp [Hk, Q]."""
-    out = lse = None
-    for s in range(0, k.shape[1], keys):
-        scores = queries @ k[:, s:s + keys].float().mT  # [Hk, Q, keys]
-        top = scores.amax(dim=-1, keepdim=True)
-        weights = scores.sub_(top).exp_()  # one exp per score: a softmax written out, not logsumexp + exp
-        total = weights.sum(dim=-1, keepdim=True)
-        block_out = (weights @ v[:, s:s + keys].float()).div_(total)
-        block_lse = (top + total.log()).squeeze(-1)
-        out, lse = (block_out, block_lse) if out is None else merge(out, lse, block_out, block_lse)
-    return out, lse
 
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,7 +202,11 @@ class KVCache:
         self.args, self.batch, self.max_len = args, batch, max_len
         self.device, self.dtype = torch.device(device), dtype
         self.rep = args.n_head // args.n_kv_head
+        self.variant = dict(scale=args.attention_scale, softcap=args.attn_softcap)  # every layer's attention
         self.length = 0  # tokens stored in every layer; read it, change it with write/truncate
+        # The sliding-window layers keep their last tokens in rings of their own, whatever the policy;
+        # the policy holds the global layers (args.global_layers).
+        self.windows = SlidingWindows(args, batch, max_len, self.device, dtype) if args.sliding_layers else None
         self.handle = _register(self)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -160,7 +220,10 @@ class KVCache:
         T = q.shape[2]
         if self.length + T > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {T} tokens > max_len {self.max_len}")
-        out = self.attend(layer, q, k, v)
+        if self.args.window(layer) is not None:
+            out = self.windows.attend(layer, q, k, v, self.length, self.variant)
+        else:
+            out = self.attend(layer, q, k, v)
         if layer == self.args.n_layer - 1:
             self.length += T
         return out
@@ -183,8 +246,10 @@ class KVCache:
         if not 0 <= start <= end <= self.length:
             raise ValueError(f"cannot read positions [{start}, {end}) of a cache holding {self.length}")
         self._settle()
-        shape = (self.batch, self.args.n_kv_head, end - start, self.args.head_dim)
         device = self.device if device is None else torch.device(device)
+        if self.args.window(layer) is not None:
+            return tuple(t.transpose(1, 2).to(device) for t in self.windows.rows(layer, start, end, self.length))
+        shape = (self.batch, self.args.n_kv_head, end - start, self.args.head_dim)
         k, v = (torch.empty(shape, device=device, dtype=self.dtype) for _ in range(2))
         for k_part, v_part, h0, h1 in self._parts(layer):
             k[:, h0:h1] = k_part[:, start:end].transpose(1, 2)
@@ -204,6 +269,8 @@ class KVCache:
             raise ValueError(f"cannot write positions [{start}, {start + T}) into a cache holding {self.length} "
                              f"of at most {self.max_len}")
         self._settle()
+        if self.args.window(layer) is not None:
+            self.windows.store(layer, start, k.transpose(1, 2), v.transpose(1, 2), max(self.length, start + T))
         for k_part, v_part, h0, h1 in self._parts(layer):
             k_part[:, start:start + T] = k[:, h0:h1].transpose(1, 2)
             v_part[:, start:start + T] = v[:, h0:h1].transpose(1, 2)
@@ -211,14 +278,21 @@ class KVCache:
             self.length = max(self.length, start + T)
 
     def truncate(self, length: int):
-        """Forget every position from `length` on; the next tokens are stored from there."""
+        """Forget every position from `length` on; the next tokens are stored from there.
+
+        A sliding-window layer keeps only its last tokens: when it no longer holds the window before
+        `length` (going back more than one token past a full window), everything is forgotten
+        (length 0), and the next prefill computes it all again."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache holding {self.length} positions to {length}")
         self._settle()
+        if self.windows is not None and not self.windows.holds_window_before(length, self.length):
+            length = 0
         self.length = length
 
     def _parts(self, layer: int):
-        """(K, V, first head, last head + 1) for every place `layer`'s heads live, each [B, max_len, heads, D]."""
+        """(K, V, first head, last head + 1) for every place a global layer's heads live, each
+        [B, max_len, heads, D] (none for a sliding-window layer: its ring is self.windows')."""
         raise NotImplementedError
 
     def _settle(self):
@@ -226,29 +300,32 @@ class KVCache:
 
 
 class StandardCache(KVCache):
-    """All K/V preallocated on the device: [layer][B, max_len, n_kv, D], token-major like the offload store."""
+    """All K/V preallocated on the device: [global layer][B, max_len, n_kv, D], token-major like the offload store."""
 
     def __init__(self, args, batch, max_len, device, dtype):
         super().__init__(args, batch, max_len, device, dtype)
-        shape = (args.n_layer, batch, max_len, args.n_kv_head, args.head_dim)
+        self.slot = {layer: i for i, layer in enumerate(args.global_layers)}
+        shape = (len(self.slot), batch, max_len, args.n_kv_head, args.head_dim)
         self.k = host_or_device_empty(shape, self.device, dtype)
         self.v = host_or_device_empty(shape, self.device, dtype)
+        kv_bytes = 2 * self.k.nbytes + _window_bytes(self)
         on_gpu = self.device.type == "cuda"
-        self.gpu_bytes, self.host_bytes = (2 * self.k.nbytes, 0) if on_gpu else (0, 2 * self.k.nbytes)
+        self.gpu_bytes, self.host_bytes = (kv_bytes, 0) if on_gpu else (0, kv_bytes)
         self.store_bytes = 0  # nothing is streamed
 
     def attend(self, layer, q, k, v):
-        start, end = self.length, self.length + q.shape[2]
-        self.k[layer, :, start:end] = k.transpose(1, 2)
-        self.v[layer, :, start:end] = v.transpose(1, 2)
-        return attention(q, self.k[layer, :, :end].transpose(1, 2), self.v[layer, :, :end].transpose(1, 2))
+        i, start, end = self.slot[layer], self.length, self.length + q.shape[2]
+        self.k[i, :, start:end] = k.transpose(1, 2)
+        self.v[i, :, start:end] = v.transpose(1, 2)
+        return attention(q, self.k[i, :, :end].transpose(1, 2), self.v[i, :, :end].transpose(1, 2), **self.variant)
 
     def attend_shared(self, layer, q):
-        n = self.length
-        return shared_attention(q, self.k[layer, :, :n].transpose(1, 2), self.v[layer, :, :n].transpose(1, 2))
+        i, n = self.slot[layer], self.length
+        return shared_attention(q, self.k[i, :, :n].transpose(1, 2), self.v[i, :, :n].transpose(1, 2), **self.variant)
 
     def _parts(self, layer):
-        yield self.k[layer], self.v[layer], 0, self.args.n_kv_head
+        if layer in self.slot:
+            yield self.k[self.slot[layer]], self.v[self.slot[layer]], 0, self.args.n_kv_head
 
 
 class HeadOffloadCache(KVCache):
@@ -265,8 +342,9 @@ class HeadOffloadCache(KVCache):
         super().__init__(args, batch, max_len, device, dtype)
         n_kv, D = args.n_kv_head, args.head_dim
         if isinstance(resident, int):
-            resident = spread_resident(resident, args.n_layer, n_kv)
-        if not 1 <= group_size <= n_kv or len(resident) != args.n_layer or not all(0 <= r <= n_kv for r in resident):
+            resident = spread_resident(resident, args)
+        if (not 1 <= group_size <= n_kv or len(resident) != args.n_layer or not all(0 <= r <= n_kv for r in resident)
+                or any(resident[l] for l in args.sliding_layers)):
             raise ValueError(f"bad head grouping: group_size={group_size}, resident={resident}")
         self.group_size, self.resident = group_size, list(resident)
         cuda = self.device.type == "cuda"
@@ -274,7 +352,7 @@ class HeadOffloadCache(KVCache):
         self.res_k = [host_or_device_empty((batch, max_len, r, D), self.device, dtype) for r in resident]
         self.res_v = [host_or_device_empty((batch, max_len, r, D), self.device, dtype) for r in resident]
         self.units = [(l, h, min(h + group_size, n_kv))
-                      for l in range(args.n_layer) for h in range(resident[l], n_kv, group_size)]
+                      for l in args.global_layers for h in range(resident[l], n_kv, group_size)]
         # Streamed slots: the unit of transfer is (layer, head range); one host block holds all of
         # them, pinned so that copies are asynchronous DMA.
         unit_numel = [batch * max_len * (h1 - h0) * D for _, h0, h1 in self.units]
@@ -304,8 +382,9 @@ class HeadOffloadCache(KVCache):
         buf_bytes = sum(t.nbytes for t in self.buf_k + self.buf_v)
         store_bytes = sum(t.nbytes for t in self.store_k + self.store_v)
         self.store_bytes = store_bytes  # the streamed slots, in host RAM
-        self.gpu_bytes = res_bytes + buf_bytes if cuda else 0
-        self.host_bytes = store_bytes + (0 if cuda else res_bytes + buf_bytes)
+        on_device = res_bytes + buf_bytes + _window_bytes(self)
+        self.gpu_bytes = on_device if cuda else 0
+        self.host_bytes = store_bytes + (0 if cuda else on_device)
 
     def _view(self, flat: Tensor, unit: int, length: int) -> Tensor:
         _, h0, h1 = self.units[unit]
@@ -335,9 +414,9 @@ class HeadOffloadCache(KVCache):
             self.res_k[layer][:, start:end] = k[:, :, :r]
             self.res_v[layer][:, start:end] = v[:, :, :r]
             outs.append(attention(q[:, : r * self.rep], self.res_k[layer][:, :end].transpose(1, 2),
-                                  self.res_v[layer][:, :end].transpose(1, 2)))
+                                  self.res_v[layer][:, :end].transpose(1, 2), **self.variant))
         for h0, h1, buf_k, buf_v in self._streamed(layer, k, v):
-            outs.append(attention(q[:, h0 * self.rep: h1 * self.rep], buf_k, buf_v))
+            outs.append(attention(q[:, h0 * self.rep: h1 * self.rep], buf_k, buf_v, **self.variant))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def attend_shared(self, layer, q):
@@ -345,9 +424,9 @@ class HeadOffloadCache(KVCache):
         r, n = self.resident[layer], self.length
         if r:
             outs.append(shared_attention(q[:, : r * self.rep], self.res_k[layer][:, :n].transpose(1, 2),
-                                         self.res_v[layer][:, :n].transpose(1, 2)))
+                                         self.res_v[layer][:, :n].transpose(1, 2), **self.variant))
         for h0, h1, buf_k, buf_v in self._streamed(layer):
-            outs.append(shared_attention(q[:, h0 * self.rep: h1 * self.rep], buf_k, buf_v))
+            outs.append(shared_attention(q[:, h0 * self.rep: h1 * self.rep], buf_k, buf_v, **self.variant))
         return tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
 
     def _streamed(self, layer, k=None, v=None):
@@ -409,10 +488,79 @@ class LayerOffloadCache(HeadOffloadCache):
         super().__init__(args, batch, max_len, device, dtype, group_size=args.n_kv_head, resident=0)
 
 
-def spread_resident(n_resident: int, n_layer: int, n_kv: int) -> list[int]:
-    """Spread resident slots evenly over layers so that every layer streams about the same bytes."""
-    n_resident = max(0, min(n_resident, n_layer * n_kv))
-    return [n_resident // n_layer + (l < n_resident % n_layer) for l in range(n_layer)]
+def spread_resident(n_resident: int, args: ModelArgs) -> list[int]:
+    """Resident slots per layer, spread evenly over the global layers so that each streams about the
+    same bytes (a sliding-window layer has none: its ring is always on the device)."""
+    layers = args.global_layers
+    n_resident = max(0, min(n_resident, len(layers) * args.n_kv_head))
+    per_layer = [0] * args.n_layer
+    for i, l in enumerate(layers):
+        per_layer[l] = n_resident // len(layers) + (i < n_resident % len(layers))
+    return per_layer
+
+
+class SlidingWindows:
+    """The K/V of the sliding-window layers. A query of such a layer sees only itself and the W - 1
+    tokens before it, so the layer keeps its last W tokens, in a ring of W rows per layer (position p
+    in row p mod W): memory fixed by the window, not the context, and small enough to stay on the
+    compute device, so nothing of it streams, whatever the policy.
+
+    Decode writes the new token over the oldest and attends over the whole ring, without a mask: it
+    holds exactly the window (in ring order, which the softmax does not see). A prefill chunk
+    attends over the window before it, gathered in position order, then its own tokens, with the
+    window's mask; then its last W tokens replace the ring's oldest.
+    """
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        self.window = args.sliding_window
+        self.size = min(args.sliding_window, max_len)  # rows per ring: no more than the cache can ever hold
+        self.ring = {layer: i for i, layer in enumerate(args.sliding_layers)}
+        shape = (len(self.ring), batch, self.size, args.n_kv_head, args.head_dim)
+        self.k = host_or_device_empty(shape, device, dtype)
+        self.v = host_or_device_empty(shape, device, dtype)
+        self.nbytes = self.k.nbytes + self.v.nbytes
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int, variant: dict) -> Tensor:
+        """attention() of q over the window of the T new tokens at positions [start, start + T), as in
+        KVCache.attend (k/v [B, n_kv, T, D]), storing them."""
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, T, n_kv, D], token-major like the ring
+        T = k.shape[1]
+        if T == 1:
+            i = self.ring[layer]
+            self.k[i, :, start % self.size], self.v[i, :, start % self.size] = k[:, 0], v[:, 0]
+            held = min(start + 1, self.size)
+            return attention(q, self.k[i, :, :held].transpose(1, 2), self.v[i, :, :held].transpose(1, 2), **variant)
+        before_k, before_v = self.rows(layer, max(0, start - self.window + 1), start, start)
+        keys, values = torch.cat([before_k, k], dim=1), torch.cat([before_v, v], dim=1)
+        out = attention(q, keys.transpose(1, 2), values.transpose(1, 2), window=self.window, **variant)
+        self.store(layer, start, k, v, start + T)
+        return out
+
+    def rows(self, layer: int, start: int, end: int, length: int) -> tuple[Tensor, Tensor]:
+        """Copies of K and V [B, end - start, n_kv, D] at positions [start, end), in order, from a ring
+        holding `length` positions (of which it has the last `size`)."""
+        if start < end and start < length - self.size:
+            raise ValueError(f"layer {layer} has a {self.window}-token sliding window and keeps positions "
+                             f"[{length - self.size}, {length}) only; [{start}, {end}) was asked for")
+        slots = torch.arange(start, end, device=self.k.device) % self.size
+        i = self.ring[layer]
+        return self.k[i][:, slots], self.v[i][:, slots]
+
+    def store(self, layer: int, start: int, k: Tensor, v: Tensor, length: int):
+        """Put rows k/v [B, T, n_kv, D] of positions [start, start + T) into a ring that will hold
+        `length` positions: only those among its last `size` are kept."""
+        first = max(start, length - self.size)
+        slots = torch.arange(first, start + k.shape[1], device=self.k.device) % self.size
+        i = self.ring[layer]
+        self.k[i][:, slots], self.v[i][:, slots] = k[:, first - start:].to(self.k), v[:, first - start:].to(self.v)
+
+    def holds_window_before(self, position: int, length: int) -> bool:
+        """Whether the rings, holding `length` positions, still have the W - 1 before `position`."""
+        return max(0, position - self.window + 1) >= max(0, length - self.size)
+
+
+def _window_bytes(cache: KVCache) -> int:
+    return 0 if cache.windows is None else cache.windows.nbytes
 
 
 def host_or_device_empty(shape, device: torch.device, dtype: torch.dtype) -> Tensor:

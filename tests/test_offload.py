@@ -128,9 +128,12 @@ def test_cache_refuses_to_overflow():
 
 
 def test_spread_resident_is_even():
-    assert spread_resident(5, 3, 4) == [2, 2, 1]
-    assert spread_resident(100, 3, 4) == [4, 4, 4]
-    assert sum(spread_resident(7, 4, 2)) == 7
+    shape = lambda n_layer, n_kv, **kw: ModelArgs(n_layer=n_layer, n_head=n_kv, n_kv_head=n_kv, **kw)
+    assert spread_resident(5, shape(3, 4)) == [2, 2, 1]
+    assert spread_resident(100, shape(3, 4)) == [4, 4, 4]
+    assert sum(spread_resident(7, shape(4, 2))) == 7
+    # Sliding-window layers keep their rings on the device: no slots of theirs are counted or spread.
+    assert spread_resident(5, shape(4, 4, sliding_window=8, sliding_layers=[0, 2])) == [0, 3, 0, 2]
 
 
 # --- the public surface: length, read, write, truncate ------------------------------------------
