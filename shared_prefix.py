@@ -32,6 +32,8 @@ class SharedPrefixCache:
     """
 
     def __init__(self, prefix: KVCache, lengths: list[int], room: int):
+        if prefix.windows is not None:  # a query after the prefix would see only its window's end of it
+            raise ValueError("a shared prefix cannot have sliding-window layers (they keep only their last tokens)")
         if prefix.batch != 1 or prefix.length < 1:
             raise ValueError(f"the shared prefix must be one sequence of at least one token, not "
                              f"{prefix.batch} of {prefix.length}")

@@ -13,13 +13,16 @@ from planner import make_cache, plan_cache
 from tests.test_cli_errors import run_in_process
 from tests.test_offload import tiny_model
 from tests.test_prompt_cache import LOGIT_ATOL, ids_of
+from tests.test_windows import windowed_model
 
 
+@pytest.mark.parametrize("windowed", [False, True], ids=["global", "sliding-window"])
 @pytest.mark.parametrize("policy", ["none", "layer", "head"])
-def test_each_turn_answers_as_a_single_run_over_the_whole_conversation(policy):
+def test_each_turn_answers_as_a_single_run_over_the_whole_conversation(policy, windowed):
     """The session's way (generate continuing one cache; the answer, less a stop token, appended; the
-    cache cut back to the conversation) against cold runs over the same ids."""
-    model = tiny_model(6, 3)
+    cache cut back to the conversation) against cold runs over the same ids. With sliding-window
+    layers, cutting back further than their rings reach starts the cache over: the same answers."""
+    model = windowed_model(window=8, vocab_size=97) if windowed else tiny_model(6, 3)
     stop = {int(t) for t in torch.arange(0, 97, 7)}  # some answers stop early, some run to the limit
     cache = make_cache(plan_cache(model.args, 200, torch.float32, "cpu", policy), model.args)
     ids = ids_of(40)

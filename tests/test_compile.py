@@ -36,3 +36,15 @@ def test_compiled_step_has_no_graph_break():
         explanation = torch._dynamo.explain(compiled_decode_step()._torchdynamo_orig_callable)(
             model, torch.tensor([[3]]), torch.tensor([0]), cache)
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_compiled_decode_of_windowed_soft_capped_layers_gives_eager_tokens():
+    """The rings' slot (position mod W) and the soft caps stay inside the opaque attention op: no
+    recompile as the ring wraps."""
+    from tests.test_windows import windowed_model
+
+    model = windowed_model(window=5, attn_softcap=2.0, final_softcap=5.0)
+    prompt = torch.randint(0, model.args.vocab_size, (9,), generator=torch.Generator().manual_seed(0)).tolist()
+    eager = generate(model, prompt, 20, offload="head")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert generate(model, prompt, 20, offload="head", compile=True) == eager

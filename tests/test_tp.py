@@ -186,6 +186,42 @@ def test_a_shard_is_the_full_tensor_cut_by_heads_rows_and_columns(ckpt):
             assert not shards[-1]["output.weight"][args.vocab_size - (n - 1) * rows:].any()  # the padding
 
 
+@pytest.fixture(scope="module")
+def gemma2_ckpt(tmp_path_factory):
+    """A tiny random Gemma-2 from HF transformers, converted: sliding-window layers (window 5, shorter
+    than the prompt), soft caps, sandwich norms; 4 KV heads and a vocabulary of 101 for 2 ranks."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    hf = Gemma2ForCausalLM(Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+                                        num_key_value_heads=4, head_dim=8, vocab_size=101, max_position_embeddings=256,
+                                        query_pre_attn_scalar=8, sliding_window=5, attn_logit_softcapping=5.0,
+                                        final_logit_softcapping=10.0))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.25)
+    tmp = tmp_path_factory.mktemp("tp-gemma2")
+    hf.save_pretrained(tmp / "hf")
+    return convert(tmp / "hf", tmp / "ckpt")
+
+
+def test_a_gemma2_group_with_sliding_windows_answers_as_one_process(gemma2_ckpt, tmp_path):
+    """Each rank's rings hold its own heads; the norms after attention and the MLP see the summed
+    outputs, and the final soft cap each rank's whole logits: one process's tokens, logits to rounding."""
+    r = torchrun(2, "tests/tp_worker.py", gemma2_ckpt, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    alone, _ = G.load_model(gemma2_ckpt)
+    assert len(alone.args.sliding_layers) == 2 and got["shard_args"].sliding_layers == [0, 2]
+    for policy in W.POLICIES:
+        for chunk in W.CHUNKS:
+            expected = W.logits_of(alone, policy, chunk)
+            ulp = torch.finfo(torch.float32).eps * expected.abs().max().item()
+            torch.testing.assert_close(got[f"logits {policy} {chunk}"], expected, rtol=0, atol=LOGIT_ULPS * ulp)
+            assert got[f"tokens {policy} {chunk}"] == G.generate(alone, W.PROMPT, 24, offload=policy,
+                                                                 prefill_chunk=chunk)
+
+
 def test_ranks_that_do_not_divide_the_kv_heads_are_refused_by_name():
     args = ModelArgs(dim=48, n_layer=2, n_head=9, n_kv_head=3, head_dim=8, intermediate_size=96, vocab_size=101)
     with pytest.raises(UsageError, match=r"2 tensor-parallel ranks must divide the model's KV heads, 3; run 1 or 3"):
