@@ -41,13 +41,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, softc
         # Every policy calls per KV head, whatever its grouping, so all of them do the same arithmetic
         # and agree bit for bit. (CUDA kernels parallelize per head: one call there.)
         rep = q.shape[1] // Hk
-        return torch.cat([attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1], scale, softcap, window)
+        return torch.cat([_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1], scale, softcap, window)
                           for h in range(Hk)], dim=1)
-    T, S = q.shape[2], k.shape[2]
+    return _attention(q, k, v, scale, softcap, window)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, softcap: float | None = None,
+               window: int | None = None) -> Tensor:
+    B, Hq, T, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
     if window is not None and S - T - window + 1 > 0:  # keys that no query sees: leave them out
         k, v = k[:, :, S - T - window + 1:], v[:, :, S - T - window + 1:]
     if softcap is not None:  # SDPA cannot soft-cap the scores
-        B, Hq, T, D = q.shape
         rows = (q.float() * (scale or D ** -0.5)).reshape(B, Hk, Hq // Hk * T, D)
         out, _ = _written_out(rows, k, v, softcap, _own_keys(T, k.shape[2], Hq // Hk, q.device), window)
         return out.reshape(q.shape).type_as(q)
