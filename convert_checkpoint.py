@@ -450,7 +450,8 @@ def convert(src, out_dir, force: bool = False) -> Path:
 def main(argv=None):
     from generate import ArgumentParser  # one-line usage errors, like generate.py
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="Hugging Face model dir, hub repo id (org/name), or llama .gguf file")
+    parser.add_argument("src", help="Hugging Face model dir, hub repo id (org/name), or .gguf file "
+                        f"(GGUF architectures: {', '.join(GGUF_ARCHITECTURES)})")
     parser.add_argument("--out", required=True, help="checkpoint dir to create")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
