@@ -3,8 +3,9 @@
 Backends, picked by `load_tokenizer(dir)` from the files HF ships:
 - byte-level BPE from `tokenizer.json` (GPT-2 style: SmolLM2, Qwen2/2.5, Llama-3 HF repos), run by tiktoken;
 - tiktoken-format `tokenizer.model` (Llama-3 as Meta ships it), run by tiktoken;
-- sentencepiece `tokenizer.model` (Llama-2, Mistral).
-`tokenizer_files_from_gguf` writes the HF files for a GGUF's embedded tokenizer (used by convert_checkpoint.py).
+- sentencepiece `tokenizer.model` (Llama-2, Mistral, Gemma).
+`tokenizer_files_from_gguf` writes the HF files for a GGUF's embedded tokenizer (used by convert_checkpoint.py):
+tokenizer.json for byte-level BPE, a sentencepiece tokenizer.model rebuilt from the GGUF's pieces otherwise.
 
 Special tokens written literally in the text encode to their own id, as HF does for added tokens: that is
 how chat prompts work. `decode` leaves out control tokens (<|im_end|>, </s>, ...) unless asked to keep them,
@@ -15,6 +16,7 @@ import base64
 import functools
 import json
 import re
+import struct
 import unicodedata
 from datetime import datetime
 from pathlib import Path
@@ -147,8 +149,9 @@ class TiktokenTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """sentencepiece `tokenizer.model` (Llama-2, Mistral). Control pieces (<s>, </s>, Mistral v3's [INST]...)
-    and <unk> are the special tokens; sentencepiece encodes the text between them."""
+    """sentencepiece `tokenizer.model` (Llama-2, Mistral, Gemma). Control pieces (<s>, </s>, Mistral v3's
+    [INST]...) and <unk> are the special tokens; sentencepiece encodes the text between them (and matches
+    user-defined pieces itself)."""
 
     def __init__(self, path: Path):
         import sentencepiece
@@ -364,11 +367,14 @@ GGUF_PRE_TOKENIZERS = {
     "qwen2": _split(QWEN2_PATTERN),
     **{name: _split(LLAMA3_PATTERN) for name in GGUF_LLAMA3},
 }
-GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+# tokenizer.ggml.token_type values: sentencepiece's piece types (1 normal, 5 unused).
+GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_BYTE = 2, 3, 4, 6
 
 
 def tokenizer_files_from_gguf(reader_or_path, out_dir: str | Path) -> None:
-    """Write the HF `tokenizer.json` + `tokenizer_config.json` equivalent to a GGUF's byte-level BPE tokenizer."""
+    """Write the HF tokenizer files equivalent to a GGUF's embedded tokenizer, for `load_tokenizer`: a
+    `tokenizer.json` for byte-level BPE (`tokenizer.ggml.model` "gpt2"), the sentencepiece `tokenizer.model`
+    for a sentencepiece vocabulary ("llama": Llama-2, Mistral, Gemma), and a `tokenizer_config.json`."""
     import gguf
 
     reader = reader_or_path if isinstance(reader_or_path, gguf.GGUFReader) else gguf.GGUFReader(reader_or_path)
@@ -377,18 +383,38 @@ def tokenizer_files_from_gguf(reader_or_path, out_dir: str | Path) -> None:
         return reader.fields[f"tokenizer.{name}"].contents() if f"tokenizer.{name}" in reader.fields else default
 
     model, pre = field("ggml.model"), field("ggml.pre", "default")
-    if model != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
-    if pre not in GGUF_PRE_TOKENIZERS:
+    if model not in ("gpt2", "llama"):
+        raise ValueError(f"GGUF tokenizer model {model!r} is not supported "
+                         "(only 'gpt2', byte-level BPE, and 'llama', sentencepiece)")
+    if model == "gpt2" and pre not in GGUF_PRE_TOKENIZERS:
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {', '.join(GGUF_PRE_TOKENIZERS)})")
     tokens, types = field("ggml.tokens"), field("ggml.token_type")
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": types[i] == GGUF_CONTROL}
-             for i, t in enumerate(tokens) if types[i] in (GGUF_CONTROL, GGUF_USER_DEFINED)]
     ids = {key: field(f"ggml.{gguf_key}_token_id")
            for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
     named = {f"{key}_token": tokens[i] for key, i in ids.items() if i is not None}
-    add_bos = bool(field("ggml.add_bos_token", False))
+    # Unless the file says, llama.cpp puts BOS first for a sentencepiece vocabulary but not for a BPE one.
+    add_bos = bool(field("ggml.add_bos_token", model == "llama"))
+    config = {"add_bos_token": add_bos, "add_eos_token": bool(field("ggml.add_eos_token", False)),
+              "clean_up_tokenization_spaces": False, **named}
+    if field("chat_template") is not None:
+        config["chat_template"] = field("chat_template")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if model == "gpt2":
+        spec = _tokenizer_json_from_gguf(tokens, types, ids, named, add_bos, pre, field("ggml.merges"))
+        (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    else:
+        scores = field("ggml.scores", [0.0] * len(tokens))  # llama.cpp's default too
+        (out_dir / "tokenizer.model").write_bytes(_sentencepiece_model(
+            tokens, scores, types, ids, add_dummy_prefix=bool(field("ggml.add_space_prefix", True))))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _tokenizer_json_from_gguf(tokens, types, ids, named, add_bos, pre, merges) -> dict:
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": types[i] == GGUF_CONTROL}
+             for i, t in enumerate(tokens) if types[i] in (GGUF_CONTROL, GGUF_USER_DEFINED)]
     post = None
     if add_bos:  # how tokenizer.json itself says "put BOS first"
         bos = named["bos_token"]
@@ -397,7 +423,7 @@ def tokenizer_files_from_gguf(reader_or_path, out_dir: str | Path) -> None:
                 "pair": [first, {"Sequence": {"id": "A", "type_id": 0}},
                          first, {"Sequence": {"id": "B", "type_id": 1}}],
                 "special_tokens": {bos: {"id": bos, "ids": [ids["bos"]], "tokens": [bos]}}}
-    spec = {
+    return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         "pre_tokenizer": GGUF_PRE_TOKENIZERS[pre], "post_processor": post,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
@@ -405,13 +431,68 @@ def tokenizer_files_from_gguf(reader_or_path, out_dir: str | Path) -> None:
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                   # llama.cpp, like HF, takes a Llama-3 piece that is a whole token as is.
                   "ignore_merges": pre in GGUF_LLAMA3,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": field("ggml.merges")},
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
     }
-    config = {"add_bos_token": add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "tokenizer_class": "PreTrainedTokenizerFast", **named}
-    if field("chat_template") is not None:
-        config["chat_template"] = field("chat_template")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+# llama.cpp's SPM tokenizer and sentencepiece's BPE model run the same algorithm on these files: spaces become ▁ (and
+# a ▁ goes first when add_space_prefix), user-defined pieces are taken whole (control pieces too, by llama.cpp and by
+# Tokenizer.encode), the rest is split into characters; the adjacent pair whose concatenation is the piece of
+# highest score merges (the leftmost on ties) until no pair is a piece; a character outside the vocab becomes its
+# UTF-8 bytes as <0xXX> pieces. Where they differ:
+# - llama.cpp puts a space before the text after every special token, not only at the start of the text
+#   (SentencePieceTokenizer._encode_plain does what the reference encoders do instead);
+# - llama.cpp keeps a merge that made an unused piece, sentencepiece splits it back into its two parts;
+# - without byte pieces llama.cpp looks each byte up as a one-character token (and fails without one), sentencepiece
+#   writes <unk>;
+# - a file without BOS or EOS ids means ids 1 and 2 to llama.cpp, the pieces <s> and </s> to sentencepiece (the
+#   same tokens in Llama-2 and Mistral).
+def _sentencepiece_model(tokens, scores, types, ids, add_dummy_prefix: bool) -> bytes:
+    """A sentencepiece `tokenizer.model` (a serialized ModelProto, field numbers from sentencepiece_model.proto)
+    holding a GGUF's sentencepiece vocabulary. Written by hand: protobuf is not a dependency."""
+    # sentencepiece wants exactly one unknown piece. A GGUF may have none (llama.cpp's converter makes <unk> a
+    # control piece when tokenizer_config.json calls it special, as Llama-2's, Mistral's and Gemma's do) or several
+    # (llama.cpp's own phi-3 vocab GGUF pads with unknown [PAD<n>] pieces). So the file's <unk> (else its first
+    # unknown piece, else llama.cpp's default, 0) is the unknown piece, and other unknown pieces become control
+    # ones, which llama.cpp too takes whole in text.
+    unk = ids["unk"] if ids["unk"] is not None else types.index(GGUF_UNKNOWN) if GGUF_UNKNOWN in types else 0
+    types = [GGUF_UNKNOWN if i == unk else GGUF_CONTROL if k == GGUF_UNKNOWN else k for i, k in enumerate(types)]
+    ids = {**ids, "unk": unk}
+    # llama.cpp's converter writes the ▁ in user-defined pieces as a space (for Gemma); sentencepiece matches
+    # those pieces in the text after its spaces became ▁.
+    pieces = [_proto_message((1, t.replace(" ", "▁") if k == GGUF_USER_DEFINED else t), (2, float(s)), (3, k))
+              for t, s, k in zip(tokens, scores, types)]
+    trainer = _proto_message(
+        (3, 2),  # model_type BPE
+        (35, GGUF_BYTE in types),  # byte_fallback, which sentencepiece wants exactly when there are byte pieces
+        *((number, -1 if ids[k] is None else ids[k]) for number, k in ((40, "unk"), (41, "bos"), (42, "eos"),
+                                                                        (43, "pad"))),
+        # sentencepiece finds these tokens by name (<s>, </s>, <unk>, <pad> if unnamed), not by the ids above.
+        *((number, tokens[ids[k]]) for number, k in ((45, "unk"), (46, "bos"), (47, "eos"), (48, "pad"))
+          if ids[k] is not None))
+    # name, add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces: text as is but spaces as ▁
+    normalizer = _proto_message((1, "identity"), (3, add_dummy_prefix), (4, False), (5, True))
+    return b"".join(_proto_field(1, p) for p in pieces) + _proto_field(2, trainer) + _proto_field(3, normalizer)
+
+
+def _proto_message(*fields) -> bytes:
+    return b"".join(_proto_field(number, value) for number, value in fields)
+
+
+def _proto_field(number: int, value) -> bytes:
+    """One protobuf field: bool or int as a varint, float as fixed32, str or bytes (a message) length-delimited."""
+    if isinstance(value, float):
+        return _proto_varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, int):  # bools too
+        return _proto_varint(number << 3) + _proto_varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _proto_varint(number << 3 | 2) + _proto_varint(len(data)) + data
+
+
+def _proto_varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # a negative int32 goes as its 64-bit two's complement, as protobuf writes it
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))

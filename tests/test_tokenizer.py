@@ -384,3 +384,207 @@ def test_gguf_llama_bpe(tmp_path, llama3_hf):
     write_gguf(tmp_path / "u.gguf", llama3_hf, "falcon", add_bos=False)
     with pytest.raises(ValueError, match="'falcon'"):
         T.tokenizer_files_from_gguf(tmp_path / "u.gguf", tmp_path / "out2")
+
+
+# --- GGUF with a sentencepiece vocabulary (tokenizer.ggml.model "llama": Llama-2, Mistral, Gemma) ---
+
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content']"
+                    " + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant'"
+                  " else m['role']) + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def gemma_sp_dir(tmp_path_factory):
+    import sentencepiece
+
+    out = tmp_path_factory.mktemp("gemma_sp")
+    # Gemma's settings: no dummy prefix, byte fallback, <pad> <eos> <bos> <unk> first, turn markers and a run of
+    # spaces as user-defined pieces (taken whole).
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAIN_TEXT.splitlines()), model_prefix=str(out / "tokenizer"), vocab_size=600,
+        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "▁▁▁▁"], pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", character_coverage=1.0,
+        minloglevel=2, num_threads=1)
+    return out
+
+
+def write_sentencepiece_gguf(path, model_file, added=None, padding=0, add_space_prefix=None, chat_template=None,
+                             ids=True):
+    """A GGUF holding only the tokenizer of a sentencepiece model, as llama.cpp's converter writes it
+    (_create_vocab_sentencepiece): sentencepiece's piece types, except that its user-defined pieces are normal
+    ones unless tokenizer_config.json lists them (`added`, {piece: special}): control pieces then (<unk> too), or
+    user-defined ones with their ▁ written as spaces, both scored -1000. `padding` unknown [PAD<n>] pieces follow,
+    as in llama.cpp's own phi-3 vocab GGUF. `ids=False` leaves out the special token ids and add_bos/add_eos."""
+    import gguf
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    added, rows = added or {}, []
+    for i in range(sp.get_piece_size()):
+        piece, score = sp.id_to_piece(i), sp.get_score(i)
+        kind = 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i) else 1
+        if piece in added:
+            kind, score = (3, -1000.0) if added[piece] else (4, -1000.0)
+            piece = piece if added[piece] else piece.replace("▁", " ")
+        rows.append((piece, score, kind))
+    rows += [(f"[PAD{i}]", -1000.0, 2) for i in range(len(rows), len(rows) + padding)]
+    tokens, scores, types = map(list, zip(*rows))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    if ids:
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_eos_token_id(sp.eos_id())
+        writer.add_unk_token_id(sp.unk_id())
+        if sp.pad_id() >= 0:
+            writer.add_pad_token_id(sp.pad_id())
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+    if add_space_prefix is not None:  # Llama-2 and Mistral GGUFs leave it out (true); Gemma's say false
+        writer.add_add_space_prefix(add_space_prefix)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+
+def hf_from_sentencepiece(model_file, dummy_prefix, specials=(), user_defined=()):
+    """HF `tokenizers`' version of a sentencepiece BPE model, laid out as Llama-2's tokenizer.json (without the
+    prepended ▁ for Gemma); vocab and merges from transformers' extractor. Not transformers' LlamaTokenizer: its
+    Metaspace pre-tokenizer puts no ▁ before text that starts with a space, where sentencepiece does."""
+    from tokenizers import AddedToken, decoders, models, normalizers
+
+    extractor = pytest.importorskip("transformers.tokenization_utils_sentencepiece").SentencePieceExtractor
+    vocab, _, merges = extractor(str(model_file)).extract()
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
+                                         byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * dummy_prefix + [normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + [decoders.Strip(" ", 1, 0)] * dummy_prefix)
+    hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    hf.add_tokens([AddedToken(t, normalized=True) for t in user_defined])
+    return hf
+
+
+def test_gguf_sentencepiece_llama_mistral(tmp_path, sp_dir):
+    import sentencepiece
+
+    original = sp_dir / "tokenizer.model"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(original))
+    n = sp.get_piece_size()
+    # Mistral's tokenizer_config.json calls these special, so the GGUF has <unk> as a control piece.
+    added = {"<unk>": True, "<s>": True, "</s>": True, "[INST]": True, "[/INST]": True}
+    write_sentencepiece_gguf(tmp_path / "t.gguf", original, added, padding=8, chat_template=MISTRAL_TEMPLATE)
+    T.tokenizer_files_from_gguf(tmp_path / "t.gguf", tmp_path / "out")
+    tok, reference = T.load_tokenizer(tmp_path / "out"), T.load_tokenizer(sp_dir)
+    assert isinstance(tok, T.SentencePieceTokenizer)
+    # The rebuilt model is the original, piece by piece (with <unk> unknown again), then the fillers.
+    rebuilt = tok.sp
+    kinds = lambda s, i: (s.id_to_piece(i), s.is_control(i), s.is_unknown(i), s.is_byte(i))
+    assert rebuilt.get_piece_size() == n + 8
+    assert all(kinds(rebuilt, i) == kinds(sp, i) for i in range(n))
+    assert all(rebuilt.get_score(i) == sp.get_score(i) for i in range(n) if sp.id_to_piece(i) not in added)
+    assert (rebuilt.bos_id(), rebuilt.eos_id(), rebuilt.unk_id(), rebuilt.pad_id()) == (1, 2, 0, -1)
+    # The other unknown pieces are control ones: llama.cpp, too, takes them whole in text.
+    assert rebuilt.is_control(n) and tok.encode(f"[PAD{n}]x", bos=False) == [n] + sp.encode("x")
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert {k: config[k] for k in ("add_bos_token", "add_eos_token", "bos_token", "eos_token", "unk_token")} == {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.stop_ids) == (sp.bos_id(), sp.eos_id(), True, {sp.eos_id()})
+    assert tok.chat_template == MISTRAL_TEMPLATE
+
+    hf = hf_from_sentencepiece(original, dummy_prefix=True)
+    plain = SAMPLES + fuzz_strings(1000)
+    for text, ref in zip(plain, hf.encode_batch(plain, add_special_tokens=False)):
+        ids = sp.encode(text)
+        assert tok.encode(text) == [sp.bos_id()] + ids, text
+        assert ref.ids == ids, text
+        assert tok.decode(ids) == sp.decode(ids) == hf.decode(ids) == text
+    # Special tokens in the text, as the original model's tokenizer.model encodes them.
+    inst, end_inst = sp.piece_to_id("[INST]"), sp.piece_to_id("[/INST]")
+    assert tok.encode("<s>[INST] hi [/INST] ok</s>", bos=False) == (
+        [sp.bos_id(), inst] + sp.encode("hi ") + [end_inst] + sp.encode("ok") + [sp.eos_id()])
+    special = fuzz_strings(500, FUZZ_ALPHABET + ["[INST]", "[/INST]", "<s>", "</s>", "<unk>", " [INST] "], seed=3)
+    for text in special:
+        ids = tok.encode(text)
+        assert ids == reference.encode(text), text
+        assert tok.decode(ids, skip_special=False) == reference.decode(ids, skip_special=False)
+        assert tok.decode(ids) == reference.decode(ids)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"},
+                                      {"role": "assistant", "content": "Paris."}])
+    assert prompt == "<s>[INST] What is the capital of France? [/INST]Paris.</s>"
+    assert tok.encode(prompt) == reference.encode(prompt) == (
+        [sp.bos_id(), inst] + sp.encode("What is the capital of France? ") + [end_inst] + sp.encode("Paris.")
+        + [sp.eos_id()])
+
+    # Without BOS, EOS, <unk> ids and add_bos_token in the file: llama.cpp takes BOS 1 and EOS 2, and puts BOS
+    # first; sentencepiece finds <s> and </s> by their names, the same tokens here.
+    write_sentencepiece_gguf(tmp_path / "bare.gguf", original, ids=False)
+    T.tokenizer_files_from_gguf(tmp_path / "bare.gguf", tmp_path / "bare")
+    bare = T.load_tokenizer(tmp_path / "bare")
+    assert (bare.bos_id, bare.eos_id, bare.add_bos, bare.chat_template) == (1, 2, True, None)
+    assert bare.encode("<unk>x") == [1, 0] + sp.encode("x")
+
+
+def test_gguf_sentencepiece_gemma(tmp_path, gemma_sp_dir):
+    import sentencepiece
+
+    original = gemma_sp_dir / "tokenizer.model"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(original))
+    # Gemma's tokenizer_config.json calls the turn markers special (control pieces in the GGUF) and the runs of
+    # spaces not (user-defined, written with spaces).
+    added = {"<pad>": True, "<eos>": True, "<bos>": True, "<unk>": True, "<start_of_turn>": True,
+             "<end_of_turn>": True, "▁▁▁▁": False}
+    write_sentencepiece_gguf(tmp_path / "t.gguf", original, added, add_space_prefix=False,
+                             chat_template=GEMMA_TEMPLATE)
+    T.tokenizer_files_from_gguf(tmp_path / "t.gguf", tmp_path / "out")
+    tok = T.load_tokenizer(tmp_path / "out")
+    start, end, spaces = (sp.piece_to_id(p) for p in ("<start_of_turn>", "<end_of_turn>", "▁▁▁▁"))
+    assert tok.sp.id_to_piece(spaces) == "▁▁▁▁" and tok.sp.encode("a    b") == sp.encode("a    b") == (
+        sp.encode("a") + [spaces] + sp.encode("b"))
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.bos_token) == (2, 1, True, "<bos>")
+    assert (tok.sp.bos_id(), tok.sp.eos_id(), tok.sp.unk_id(), tok.sp.pad_id()) == (2, 1, 3, 0)  # found by name
+    assert (tok.special_tokens["<start_of_turn>"], tok.special_tokens["<end_of_turn>"]) == (start, end)
+    assert tok.stop_ids == {1, end}
+    assert tok.encode("hi")[:2] == [2, sp.piece_to_id("h")]  # no dummy prefix
+
+    hf = hf_from_sentencepiece(original, dummy_prefix=False, specials=["<bos>", "<eos>", "<start_of_turn>",
+                                                                        "<end_of_turn>"], user_defined=["▁▁▁▁"])
+    texts = SAMPLES + fuzz_strings(1000) + fuzz_strings(
+        500, FUZZ_ALPHABET + ["<start_of_turn>", "<end_of_turn>", "<bos>", "    ", "\n<start_of_turn>user\n"], seed=4)
+    for text, ref in zip(texts, hf.encode_batch(texts, add_special_tokens=False)):
+        # The original model takes the turn markers whole as user-defined pieces; <bos> is a control piece there.
+        ids = tok.encode(text, bos=False)
+        assert ids == ref.ids, text
+        if "<bos>" not in text:
+            assert ids == sp.encode(text), text
+        assert tok.decode(ids, skip_special=False) == hf.decode(ids, skip_special_tokens=False) == text
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+        assert tok.encode(text) == [2] + ids or text.startswith("<bos>")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    assert prompt == "<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"
+    assert tok.encode(prompt) == [2, start] + sp.encode("user\nHi there") + [end] + sp.encode("\n") + [
+        start] + sp.encode("model\n")
+
+
+def test_gguf_unsupported_tokenizer_model(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "t5.gguf"), "t5")
+    writer.add_tokenizer_model("t5")  # llama.cpp's Unigram (T5)
+    writer.add_token_list(["<pad>", "</s>", "<unk>", "▁a"])
+    writer.add_token_types([3, 3, 2, 1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="'t5'.*'gpt2'.*'llama'"):
+        T.tokenizer_files_from_gguf(tmp_path / "t5.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
