@@ -47,7 +47,7 @@ class Plan:
     store_bytes: int          # the streamed slots' store in host RAM (pinned when CUDA is used)
     resident_bytes: int       # the resident slots (every slot for `none`)
     buffer_bytes: int         # the two ping-pong buffers of one group
-    window_bytes: int = 0     # the sliding-window layers' rings, on the compute device: fixed by the window
+    window_bytes: int         # the sliding-window layers' rings, on the compute device: fixed by the window
 
     @property
     def on_gpu(self) -> bool:

@@ -54,7 +54,7 @@ GENERATE_CASES = [
     ("config-not-json", lambda c, t: ["--checkpoint", str(variant(
         c, t, lambda d: (d / "config.json").write_text("{dim: 3")))], "not a valid config"),
     ("config-unknown-key", lambda c, t: ["--checkpoint", str(variant(
-        c, t, lambda d: edit_config(d, sliding_window=4096)))], "unknown config keys"),
+        c, t, lambda d: edit_config(d, attention_sinks=4)))], "unknown config keys"),
     ("config-bad-heads", lambda c, t: ["--checkpoint", str(variant(
         c, t, lambda d: edit_config(d, n_kv_head=3)))], "not a multiple"),
     ("no-tokenizer", lambda c, t: ["--checkpoint", str(variant(

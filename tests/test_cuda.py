@@ -5,7 +5,7 @@ import torch
 from generate import decode_step, generate
 from model import ModelArgs, Transformer, rope_inv_freq
 from offload import HeadOffloadCache, LayerOffloadCache, StandardCache
-from planner import GiB, plan_memory
+from planner import GiB, make_cache, plan_memory
 
 pytestmark = pytest.mark.cuda
 
@@ -186,3 +186,23 @@ def test_many_questions_answer_as_each_alone_on_gpu():
         assert answers == [generate(model, prefix + q, 24, offload="head", gpu_kv_budget=budget, prefill_chunk=512)
                            for q in questions]
         assert stats["plan"]["resident_slots"] == (3 if budget else 6) and stats["decode_tok_s"] > 0
+
+
+@torch.no_grad()
+def test_sliding_windows_and_soft_caps_on_gpu_match_the_cpu():
+    """Gemma-2's variants on CUDA: the rings on the device (never streamed), the written-out soft-capped
+    kernel; every policy's fp32 logits within 1e-4 of the CPU's (other kernels, other sum orders), and
+    the rings' memory the plan's."""
+    from tests.test_windows import Reference, chunked, windowed_model
+
+    cpu = windowed_model(window=64, layers=(0, 2), attn_softcap=5.0, final_softcap=10.0, query_pre_attn_scalar=12.0)
+    model = windowed_model(window=64, layers=(0, 2), attn_softcap=5.0, final_softcap=10.0,
+                           query_pre_attn_scalar=12.0).cuda()
+    tokens = torch.randint(0, cpu.args.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
+    ref = cpu(tokens, torch.arange(300), Reference(cpu.args))
+    for policy, layout in (("none", {}), ("layer", {}), ("head", dict(group_size=1, resident=1))):
+        plan = plan_memory(model.args, 300, torch.float32, policy, "cuda", **layout)
+        cache = make_cache(plan, model.args)
+        assert cache.windows.k.is_cuda and cache.gpu_bytes == plan.gpu_bytes
+        got = chunked(model, cache, tokens.cuda(), 100).cpu()
+        assert (got - ref).abs().max().item() <= 1e-4, policy

@@ -53,7 +53,7 @@ class Reference:
 
 def chunked(model, cache, tokens, chunk):
     T = tokens.shape[1]
-    return torch.cat([model(tokens[:, s:s + chunk], torch.arange(s, min(s + chunk, T)), cache)
+    return torch.cat([model(tokens[:, s:s + chunk], torch.arange(s, min(s + chunk, T), device=tokens.device), cache)
                       for s in range(0, T, chunk)], dim=1)
 
 
