@@ -438,7 +438,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk, ctx_size)
     if prompt_cache is not None:
         check_prompt_cache_path(prompt_cache, prompt_cache_ro)
-        refuse_windows(model.args, "a prompt cache", ("prompt_cache",))
+        check_no_windows(model.args)
     args, device, dtype = model.args, model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     chunk = prefill_chunk or default_prefill_chunk(device)
     if cache is None:
@@ -530,7 +530,6 @@ def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list
     does not draw what B separate generate() calls would.
     """
     check_questions(model, prefix_ids, suffixes)
-    refuse_windows(model.args, "decoding questions together", ("questions_file",))
     check_request(model, prefix_ids, max_new_tokens, temperature, top_k, prefill_chunk)
     if prompt_cache is not None:
         check_prompt_cache_path(prompt_cache, prompt_cache_ro)
@@ -598,12 +597,12 @@ def check_questions(model, prefix_ids, suffixes):
                          f"{model.args.max_seq_len}", ("prompt_file", "questions_file"))
 
 
-def refuse_windows(args, what: str, options):
-    """A prompt cache (which saves every position of every layer) and questions decoded together (which
-    attend to all of the document's KV) need positions that a sliding-window layer no longer keeps."""
+def check_no_windows(args):
+    """A prompt cache saves every position of every layer, and a sliding-window layer no longer keeps
+    the positions before its window."""
     if args.sliding_layers:
-        raise UsageError(f"{what} does not work yet with sliding-window layers: {len(args.sliding_layers)} of this "
-                         f"model's layers keep only their last {args.sliding_window} tokens", options)
+        raise UsageError(f"a prompt cache does not work yet with sliding-window layers: {len(args.sliding_layers)} of "
+                         f"this model's layers keep only their last {args.sliding_window} tokens", ("prompt_cache",))
 
 
 def load_or_note(cache, path, model, prompt_ids, progress) -> tuple[int, int]:

@@ -54,7 +54,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, soft
         k, v = k[:, :, S - T - window + 1:], v[:, :, S - T - window + 1:]
     if softcap is not None:  # SDPA cannot soft-cap the scores
         rows = (q.float() * (scale or D ** -0.5)).reshape(B, Hk, Hq // Hk * T, D)
-        out, _ = _written_out(rows, k, v, softcap, _own_keys(T, k.shape[2], Hq // Hk, q.device), window)
+        out, _ = _written_out(rows, k, v, softcap, _causal_bounds(T, k.shape[2], Hq // Hk, window, q.device))
         return out.reshape(q.shape).type_as(q)
     return _sdpa(q, k, v, scale, window)
 
@@ -70,7 +70,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, window: int | No
         return out.reshape(B, Hq, 1, D)
     # Chunked prefill: causal mask aligned bottom-right; the top-left default would let chunk i
     # see only the first tokens of the context. A window needs an explicit mask, T x S booleans.
-    mask = _lower_right(T, S) if window is None else _visible(_own_keys(T, S, 1, q.device), S, window)
+    mask = _lower_right(T, S) if window is None else _sees(_causal_bounds(T, S, 1, window, q.device),
+                                                            torch.arange(S, device=q.device))
     if Hq == Hk:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     # GQA: one call per query head of each KV head, so every call has equal head counts. The fused
@@ -81,17 +82,17 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, window: int | No
     return torch.stack(outs, dim=2).flatten(1, 2)
 
 
-def _own_keys(T: int, S: int, rep: int, device) -> Tensor:
-    """For each query row of a KV head (its `rep` query heads one after another, T queries each), the
-    index of its own token among the S keys: the queries are the last T keys. Shape [rep * T, 1]."""
-    return (torch.arange(S - T, S, device=device).repeat(rep))[:, None]
+def _causal_bounds(T: int, S: int, rep: int, window: int | None, device) -> tuple[Tensor, Tensor]:
+    """The first and the last key that each query row of a KV head sees (its `rep` query heads one after
+    another, T queries each, the queries being the last T of S keys): itself, and the keys before it
+    within the window. Two [rep * T, 1] index tensors."""
+    own = torch.arange(S - T, S, device=device).repeat(rep)[:, None]
+    return (own - window + 1 if window is not None else torch.zeros_like(own)), own
 
 
-def _visible(own: Tensor, keys, window: int | None) -> Tensor:
-    """Which keys (indices, or a count from 0) each query row sees: itself and those before it, in the window."""
-    keys = torch.arange(keys, device=own.device) if isinstance(keys, int) else keys
-    seen = keys <= own
-    return seen if window is None else seen & (keys > own - window)
+def _sees(bounds: tuple[Tensor, Tensor], keys: Tensor) -> Tensor:
+    first, last = bounds
+    return (keys >= first) & (keys <= last)
 
 
 # Blocks of the written-out attention: the fp32 scores of a block of queries over a block of keys,
@@ -102,12 +103,13 @@ SHARED_BLOCK_BYTES = 32 << 20
 MIN_BLOCK_KEYS = 256
 
 
-def _written_out(rows: Tensor, k: Tensor, v: Tensor, softcap: float | None = None, own: Tensor | None = None,
-                 window: int | None = None) -> tuple[Tensor, Tensor]:
+def _written_out(rows: Tensor, k: Tensor, v: Tensor, softcap: float | None = None,
+                 bounds: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Softmax attention of query rows [B, Hk, Q, D] (fp32, already scaled) over k/v [B, Hk, S, D],
     written out in fp32 for what SDPA cannot do: soft-capped scores, and the log-sum-exp of the
-    scores that shared_attention returns. `own` [Q, 1]: each row's own key, for a causal mask (and
-    `window`); None: every row sees every key. Returns the output [B, Hk, Q, D] and log-sum-exp [B, Hk, Q].
+    scores that shared_attention returns. `bounds`: the first and last key index each row sees
+    ([Q, 1] each: a causal mask, a window); None: every row sees every key. Returns the output
+    [B, Hk, Q, D] and the log-sum-exp [B, Hk, Q].
 
     The keys go in blocks, with flash attention's running maximum and sum (Dao et al., arXiv
     2205.14135, Alg. 1), so memory is bounded at any context; rows are sliced too when there are
@@ -117,13 +119,14 @@ def _written_out(rows: Tensor, k: Tensor, v: Tensor, softcap: float | None = Non
     n_rows = max(1, min(Q, SHARED_BLOCK_BYTES // (4 * B * Hk * MIN_BLOCK_KEYS)))
     n_keys = max(MIN_BLOCK_KEYS, SHARED_BLOCK_BYTES // (4 * B * Hk * max(n_rows, D)))
     parts = [_over_key_blocks(rows[:, :, r:r + n_rows], k, v, n_keys, softcap,
-                              None if own is None else own[r:r + n_rows], window) for r in range(0, Q, n_rows)]
+                              None if bounds is None else tuple(b[r:r + n_rows] for b in bounds))
+             for r in range(0, Q, n_rows)]
     if len(parts) == 1:  # decode: one slice, no copy
         return parts[0]
     return tuple(torch.cat(side, dim=2) for side in zip(*parts))
 
 
-def _over_key_blocks(rows, k, v, n_keys, softcap, own, window) -> tuple[Tensor, Tensor]:
+def _over_key_blocks(rows, k, v, n_keys, softcap, bounds) -> tuple[Tensor, Tensor]:
     top = torch.full((*rows.shape[:-1], 1), -torch.inf, device=rows.device)  # running maximum of each row's scores
     total = torch.zeros_like(top)                                            # running sum of exp(score - top)
     acc = torch.zeros_like(rows)                                             # running sum of exp(score - top) * v
@@ -131,9 +134,9 @@ def _over_key_blocks(rows, k, v, n_keys, softcap, own, window) -> tuple[Tensor, 
         scores = rows @ k[:, :, s:s + n_keys].float().mT  # [B, Hk, Q, keys]
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        if own is not None:
+        if bounds is not None:
             keys = torch.arange(s, s + scores.shape[-1], device=rows.device)
-            scores = scores.masked_fill(~_visible(own, keys, window), -torch.inf)
+            scores = scores.masked_fill(~_sees(bounds, keys), -torch.inf)
         new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
         # A row that has seen no key yet has a maximum of -inf; 0 stands in for it, so that its
         # weights come out 0, not NaN.
@@ -148,11 +151,12 @@ def _over_key_blocks(rows, k, v, n_keys, softcap, own, window) -> tuple[Tensor, 
     return acc / total.clamp(min=1.0), (top + total.log()).squeeze(-1)
 
 
-def shared_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
-                     softcap: float | None = None) -> tuple[Tensor, Tensor]:
-    """Attention of B sequences' queries q [B, Hq, T, D] over one prefix they all share, k/v [1, Hk, S, D],
-    without a mask (every query comes after the whole prefix). Returns the output [B, Hq, T, D] and the
+def shared_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, softcap: float | None = None,
+                     first_seen: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of B sequences' queries q [B, Hq, T, D] over one prefix they all share, k/v [1, Hk, S, D]
+    (every query comes after the whole prefix: no causal mask). Returns the output [B, Hq, T, D] and the
     log-sum-exp of the scores [B, Hq, T], both fp32, which merge() needs to add the rest of each sequence.
+    first_seen [B, T]: the first key each query sees (a sliding window); None: all of them.
 
     All queries of a KV head go into one matrix product, so the prefix's K/V are read once for all B
     sequences (the point of decoding many questions together). SDPA returns no log-sum-exp, so this
@@ -161,20 +165,24 @@ def shared_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     Hk = k.shape[1]
     if q.device.type == "cpu" and Hk > 1:  # one KV head per call, as attention() does: equal sums for every policy
         rep = q.shape[1] // Hk
-        parts = [_shared_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1], scale, softcap)
+        parts = [_shared_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1], scale, softcap, first_seen)
                  for h in range(Hk)]
         return torch.cat([o for o, _ in parts], dim=1), torch.cat([l for _, l in parts], dim=1)
-    return _shared_attention(q, k, v, scale, softcap)
+    return _shared_attention(q, k, v, scale, softcap, first_seen)
 
 
-def _shared_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
-                      softcap: float | None = None) -> tuple[Tensor, Tensor]:
+def _shared_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, softcap: float | None = None,
+                      first_seen: Tensor | None = None) -> tuple[Tensor, Tensor]:
     B, Hq, T, D = q.shape
     Hk = k.shape[1]
     rep = Hq // Hk
-    # Every sequence's queries of a KV head are rows of one product with the prefix's keys.
+    # Every sequence's queries of a KV head are rows of one product with the prefix's keys: (B, rep, T) order.
     rows = (q.float() * (scale or D ** -0.5)).reshape(B, Hk, rep * T, D).transpose(0, 1).reshape(1, Hk, B * rep * T, D)
-    out, lse = _written_out(rows, k, v, softcap)
+    bounds = None
+    if first_seen is not None:
+        first = first_seen[:, None, :].expand(B, rep, T).reshape(-1, 1)
+        bounds = first, torch.full_like(first, k.shape[2] - 1)
+    out, lse = _written_out(rows, k, v, softcap, bounds)
     out = out.view(Hk, B, rep * T, D).transpose(0, 1).reshape(B, Hq, T, D)
     return out, lse.view(Hk, B, rep * T).transpose(0, 1).reshape(B, Hq, T)
 
@@ -236,9 +244,15 @@ class KVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def attend_shared(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
-        """shared_attention of q [B, n_head, T, D] over everything this batch-1 cache holds, storing
-        nothing: the cache is the shared prefix of B sequences (shared_prefix.py)."""
+    def attend_shared(self, layer: int, q: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """shared_attention of q [B, n_head, T, D], at positions [B, T], over everything this batch-1
+        cache holds, storing nothing: the cache is the shared prefix of B sequences (shared_prefix.py).
+        In a sliding-window layer each query sees the prefix's tokens within its window only."""
+        if self.args.window(layer) is not None:
+            return self.windows.attend_shared(layer, q, positions, self.length, self.variant)
+        return self._attend_shared(layer, q)
+
+    def _attend_shared(self, layer: int, q: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     # --- the public surface: a layer's K/V rows in one layout, whatever the policy -----------------
@@ -324,7 +338,7 @@ class StandardCache(KVCache):
         self.v[i, :, start:end] = v.transpose(1, 2)
         return attention(q, self.k[i, :, :end].transpose(1, 2), self.v[i, :, :end].transpose(1, 2), **self.variant)
 
-    def attend_shared(self, layer, q):
+    def _attend_shared(self, layer, q):
         i, n = self.slot[layer], self.length
         return shared_attention(q, self.k[i, :, :n].transpose(1, 2), self.v[i, :, :n].transpose(1, 2), **self.variant)
 
@@ -424,7 +438,7 @@ class HeadOffloadCache(KVCache):
             outs.append(attention(q[:, h0 * self.rep: h1 * self.rep], buf_k, buf_v, **self.variant))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def attend_shared(self, layer, q):
+    def _attend_shared(self, layer, q):
         outs = []
         r, n = self.resident[layer], self.length
         if r:
@@ -540,6 +554,14 @@ class SlidingWindows:
         out = attention(q, keys.transpose(1, 2), values.transpose(1, 2), window=self.window, **variant)
         self.store(layer, start, k, v, start + T)
         return out
+
+    def attend_shared(self, layer: int, q: Tensor, positions: Tensor, length: int, variant: dict):
+        """shared_attention of q [B, n_head, T, D] at positions [B, T] (all after the prefix) over the
+        window's end of a batch-1 prefix of `length` tokens: the ring's rows, in order."""
+        first = max(0, length - self.size)
+        k, v = self.rows(layer, first, length, length)
+        first_seen = (positions - self.window + 1 - first).clamp(min=0)  # index into the rows
+        return shared_attention(q, k.transpose(1, 2), v.transpose(1, 2), first_seen=first_seen, **variant)
 
     def rows(self, layer: int, start: int, end: int, length: int) -> tuple[Tensor, Tensor]:
         """Copies of K and V [B, end - start, n_kv, D] at positions [start, end), in order, from a ring

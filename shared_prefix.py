@@ -32,8 +32,6 @@ class SharedPrefixCache:
     """
 
     def __init__(self, prefix: KVCache, lengths: list[int], room: int):
-        if prefix.windows is not None:  # a query after the prefix would see only its window's end of it
-            raise ValueError("a shared prefix cannot have sliding-window layers (they keep only their last tokens)")
         if prefix.batch != 1 or prefix.length < 1:
             raise ValueError(f"the shared prefix must be one sequence of at least one token, not "
                              f"{prefix.batch} of {prefix.length}")
@@ -67,23 +65,28 @@ class SharedPrefixCache:
             raise ValueError(f"the per-sequence cache is full: {self.length} + {q.shape[2]} slots > {self.max_len}")
         self.k[layer, :, start:end] = k.transpose(1, 2)
         self.v[layer, :, start:end] = v.transpose(1, 2)
-        out_prefix, lse_prefix = self.prefix.attend_shared(layer, q)
+        out_prefix, lse_prefix = self.prefix.attend_shared(layer, q, self.positions(q.shape[2]))
         out_own, lse_own = self._attend_own(q, self.k[layer, :, :end].transpose(1, 2),
-                                            self.v[layer, :, :end].transpose(1, 2), start)
+                                            self.v[layer, :, :end].transpose(1, 2), start, self.args.window(layer))
         if layer == self.args.n_layer - 1:
             self.length = end
         return merge(out_prefix, lse_prefix, out_own, lse_own)[0].to(q.dtype)
 
-    def _attend_own(self, q: Tensor, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    def _attend_own(self, q: Tensor, k: Tensor, v: Tensor, start: int, window: int | None) -> tuple[Tensor, Tensor]:
         """Causal attention of q [B, Hq, T, D] (slots start..start+T-1) over each sequence's own slots
-        k/v [B, Hk, S, D], padding excluded; output and log-sum-exp in fp32 (-inf: no key, output 0)."""
+        k/v [B, Hk, S, D], padding excluded, within the layer's window; output and log-sum-exp in fp32
+        (-inf: no key, output 0). The scale and soft cap are the model's, as in offload.attention."""
         B, Hq, T, D = q.shape
         Hk, S = k.shape[1], k.shape[2]
-        scores = (q.float() * D ** -0.5).reshape(B, Hk, Hq // Hk * T, D) @ k.float().mT
+        scores = (q.float() * self.args.attention_scale).reshape(B, Hk, Hq // Hk * T, D) @ k.float().mT
+        if self.args.attn_softcap is not None:
+            scores = torch.tanh(scores / self.args.attn_softcap) * self.args.attn_softcap
         scores = scores.view(B, Hk, Hq // Hk, T, S)
         key = torch.arange(S, device=q.device)
         query = torch.arange(start, start + T, device=q.device)
         visible = (key[None, None, :] >= self.first[:, None, None]) & (key[None, None, :] <= query[None, :, None])
+        if window is not None:  # slots and positions differ by one offset per sequence
+            visible &= key[None, None, :] > query[None, :, None] - window
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
         lse = scores.logsumexp(dim=-1)
         weights = (scores - lse.nan_to_num(neginf=0.0)[..., None]).exp()  # a row with no key: all 0

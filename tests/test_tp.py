@@ -207,7 +207,8 @@ def gemma2_ckpt(tmp_path_factory):
 
 def test_a_gemma2_group_with_sliding_windows_answers_as_one_process(gemma2_ckpt, tmp_path):
     """Each rank's rings hold its own heads; the norms after attention and the MLP see the summed
-    outputs, and the final soft cap each rank's whole logits: one process's tokens, logits to rounding."""
+    outputs, and the final soft cap each rank's whole logits: one process's tokens and answers, logits
+    to rounding."""
     r = torchrun(2, "tests/tp_worker.py", gemma2_ckpt, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(tmp_path / "rank0.pt", weights_only=False)
@@ -220,6 +221,8 @@ def test_a_gemma2_group_with_sliding_windows_answers_as_one_process(gemma2_ckpt,
             torch.testing.assert_close(got[f"logits {policy} {chunk}"], expected, rtol=0, atol=LOGIT_ULPS * ulp)
             assert got[f"tokens {policy} {chunk}"] == G.generate(alone, W.PROMPT, 24, offload=policy,
                                                                  prefill_chunk=chunk)
+        assert got[f"answers {policy}"] == G.generate_many(alone, W.PROMPT[:29], W.QUESTIONS, 12, offload=policy,
+                                                           prefill_chunk=4)
 
 
 def test_ranks_that_do_not_divide_the_kv_heads_are_refused_by_name():

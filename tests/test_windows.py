@@ -13,7 +13,6 @@ from generate import generate, generate_many, prefill
 from model import ModelArgs, Transformer
 from offload import _written_out, attention
 from planner import make_cache, plan_memory
-from shared_prefix import SharedPrefixCache
 
 POLICIES = {"none": {}, "layer": {}, "head": dict(group_size=1, resident=1)}  # head: single heads, one resident
 
@@ -153,16 +152,27 @@ def test_read_and_write_reach_the_positions_a_ring_holds():
         assert all(torch.equal(x, y) for x, y in zip(other.read(layer, start), cache.read(layer, start)))
 
 
-def test_what_needs_more_than_the_window_is_refused(tmp_path):
-    model = windowed_model()
+def test_a_prompt_cache_is_refused_it_would_need_positions_the_rings_dropped(tmp_path):
     with pytest.raises(UsageError, match="a prompt cache does not work yet with sliding-window layers"):
-        generate(model, [1, 2, 3], 2, prompt_cache=tmp_path / "p.kv")
-    with pytest.raises(UsageError, match="decoding questions together does not work yet"):
-        generate_many(model, [1, 2, 3], [[4], [5]], 2)
-    cache = cache_of(model, "none", 10)
-    prefill(model, cache, [1, 2, 3])
-    with pytest.raises(ValueError, match="sliding-window"):
-        SharedPrefixCache(cache, [1, 1], room=2)
+        generate(windowed_model(), [1, 2, 3], 2, prompt_cache=tmp_path / "p.kv")
+
+
+@pytest.mark.parametrize("variant", ["window", "soft-capped-window-1", "soft-capped-no-window"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_questions_decoded_together_answer_as_each_alone(policy, variant):
+    """Each question's queries see the prefix's tokens within their window only (none at all once
+    they are W tokens past it) and their own within it: the answers generate() gives each alone.
+    The prefix (23 tokens) and some questions (up to 9) are longer than the window (5, or 1)."""
+    kw = {"window": dict(), "soft-capped-window-1": dict(window=1, layers=(1,), attn_softcap=3.0),
+          "soft-capped-no-window": dict(layers=(), attn_softcap=2.0, query_pre_attn_scalar=10.0)}[variant]
+    model = windowed_model(**kw)
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(0, 50, (23,), generator=g).tolist()
+    questions = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (1, 9, 4, 6)]
+    answers = generate_many(model, prefix, questions, 12, offload=policy, prefill_chunk=4)
+    for question, answer in zip(questions, answers):
+        assert answer == generate(model, prefix + question, 12, offload=policy, prefill_chunk=4)
+    assert len({tuple(a) for a in answers}) > 1  # answers that differ: equality would prove little otherwise
 
 
 def test_written_out_attention_bounds_its_blocks_and_equals_the_reference(monkeypatch):

@@ -48,9 +48,7 @@ def main(ckpt, out):
         for chunk in CHUNKS:
             results[f"logits {policy} {chunk}"] = logits_of(model, policy, chunk)
             results[f"tokens {policy} {chunk}"] = generate(model, PROMPT, 24, offload=policy, prefill_chunk=chunk)
-        if not model.args.sliding_layers:  # generate_many refuses sliding windows
-            results[f"answers {policy}"] = generate_many(model, PROMPT[:29], QUESTIONS, 12, offload=policy,
-                                                         prefill_chunk=4)
+        results[f"answers {policy}"] = generate_many(model, PROMPT[:29], QUESTIONS, 12, offload=policy, prefill_chunk=4)
     results["sampled"] = generate(model, PROMPT, 24, temperature=1.0, seed=SEED)  # the same draws on every rank
     torch.save(results, Path(out) / f"rank{tp.rank}.pt")
     tensor_parallel.leave()
