@@ -35,6 +35,7 @@ class ConversionError(UsageError):
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                     "Gemma2ForCausalLM")
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2")
+DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128, "Gemma2ForCausalLM": 256}  # transformers' when config.json has none
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # what we dequantize
@@ -118,7 +119,7 @@ def hf_config(hf: dict) -> dict:
         "n_layer": hf["num_hidden_layers"],
         "n_head": n_head,
         "n_kv_head": hf.get("num_key_value_heads") or n_head,
-        "head_dim": hf.get("head_dim") or hf["hidden_size"] // n_head,
+        "head_dim": hf.get("head_dim") or DEFAULT_HEAD_DIM.get(arch) or hf["hidden_size"] // n_head,
         "intermediate_size": hf["intermediate_size"],
         "vocab_size": hf["vocab_size"],
         "norm_eps": hf["rms_norm_eps"],
@@ -134,8 +135,8 @@ def hf_config(hf: dict) -> dict:
         activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if activation != "gelu_pytorch_tanh":
             raise ConversionError(f"unsupported Gemma-2 activation {activation!r} (supported: gelu_pytorch_tanh)")
-        config.update(gemma2_config(hf["hidden_size"], hf.get("query_pre_attn_scalar", 256),
-                                    hf.get("attn_logit_softcapping"), hf.get("final_logit_softcapping")))
+        config.update(gemma2_config(hf["hidden_size"], hf.get("query_pre_attn_scalar", 256),  # transformers' defaults
+                                    hf.get("attn_logit_softcapping", 50.0), hf.get("final_logit_softcapping", 30.0)))
     return config
 
 
@@ -149,13 +150,20 @@ def gemma2_config(dim: int, query_pre_attn_scalar: float, attn_softcap: float | 
 
 def sliding_windows(hf: dict) -> dict:
     """The sliding window and the layers that use it: config.layer_types where transformers writes it
-    (Gemma-2 alternates, Qwen's use_sliding_window picks layers), else every layer when the config
-    has a window (Mistral)."""
+    (transformers >= 4.53), else each family's rule as transformers applies it to older configs
+    (every hub Gemma-2): Gemma-2's even layers, Qwen's layers from max_window_layers on, Mistral's all."""
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    types = hf.get("layer_types")
     if not window or window >= hf["max_position_embeddings"]:  # a window as long as the context is none
         return {"sliding_window": None, "sliding_layers": []}
-    layers = [i for i, t in enumerate(types) if t == "sliding_attention"] if types else list(range(hf["num_hidden_layers"]))
+    n, arch = hf["num_hidden_layers"], hf["architectures"][0]
+    if hf.get("layer_types"):
+        layers = [i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention"]
+    elif arch == "Gemma2ForCausalLM":
+        layers = list(range(0, n, 2))
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        layers = list(range(hf.get("max_window_layers", 28), n))
+    else:
+        layers = list(range(n))
     return {"sliding_window": window if layers else None, "sliding_layers": layers}
 
 

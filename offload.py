@@ -267,7 +267,7 @@ class KVCache:
         self._settle()
         device = self.device if device is None else torch.device(device)
         if self.args.window(layer) is not None:
-            return tuple(t.transpose(1, 2).to(device) for t in self.windows.rows(layer, start, end, self.length))
+            return tuple(t.transpose(1, 2).to(device).contiguous() for t in self.windows.rows(layer, start, end, self.length))
         shape = (self.batch, self.args.n_kv_head, end - start, self.args.head_dim)
         k, v = (torch.empty(shape, device=device, dtype=self.dtype) for _ in range(2))
         for k_part, v_part, h0, h1 in self._parts(layer):
@@ -305,8 +305,10 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache holding {self.length} positions to {length}")
         self._settle()
-        if self.windows is not None and not self.windows.holds_window_before(length, self.length):
+        if self.windows is not None and not self.windows.holds_window_before(length):
             length = 0
+        if self.windows is not None and length == 0:
+            self.windows.forget()
         self.length = length
 
     def _parts(self, layer: int):
@@ -538,6 +540,10 @@ class SlidingWindows:
         self.k = host_or_device_empty(shape, device, dtype)
         self.v = host_or_device_empty(shape, device, dtype)
         self.nbytes = self.k.nbytes + self.v.nbytes
+        # Per ring, the newest position ever written, plus one: the ring still has positions from
+        # written - size on (older rows were overwritten), even after a truncate, or a pass that
+        # failed after some layers had stored their rows.
+        self.written = [0] * len(self.ring)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int, variant: dict) -> Tensor:
         """attention() of q over the window of the T new tokens at positions [start, start + T), as in
@@ -546,7 +552,9 @@ class SlidingWindows:
         T = k.shape[1]
         if T == 1:
             i = self.ring[layer]
+            self._check_holds(layer, max(0, start - self.window + 1), start, start)
             self.k[i, :, start % self.size], self.v[i, :, start % self.size] = k[:, 0], v[:, 0]
+            self.written[i] = max(self.written[i], start + 1)
             held = min(start + 1, self.size)
             return attention(q, self.k[i, :, :held].transpose(1, 2), self.v[i, :, :held].transpose(1, 2), **variant)
         before_k, before_v = self.rows(layer, max(0, start - self.window + 1), start, start)
@@ -566,12 +574,16 @@ class SlidingWindows:
     def rows(self, layer: int, start: int, end: int, length: int) -> tuple[Tensor, Tensor]:
         """Copies of K and V [B, end - start, n_kv, D] at positions [start, end), in order, from a ring
         holding `length` positions (of which it has the last `size`)."""
-        if start < end and start < length - self.size:
-            raise ValueError(f"layer {layer} has a {self.window}-token sliding window and keeps positions "
-                             f"[{length - self.size}, {length}) only; [{start}, {end}) was asked for")
+        self._check_holds(layer, start, end, length)
         slots = torch.arange(start, end, device=self.k.device) % self.size
         i = self.ring[layer]
         return self.k[i][:, slots], self.v[i][:, slots]
+
+    def _check_holds(self, layer: int, start: int, end: int, length: int):
+        oldest = max(0, max(length, self.written[self.ring[layer]]) - self.size)
+        if start < end and start < oldest:
+            raise ValueError(f"layer {layer} has a {self.window}-token sliding window and keeps positions "
+                             f"[{oldest}, {length}) only; [{start}, {end}) was asked for")
 
     def store(self, layer: int, start: int, k: Tensor, v: Tensor, length: int):
         """Put rows k/v [B, T, n_kv, D] of positions [start, start + T) into a ring that will hold
@@ -580,10 +592,15 @@ class SlidingWindows:
         slots = torch.arange(first, start + k.shape[1], device=self.k.device) % self.size
         i = self.ring[layer]
         self.k[i][:, slots], self.v[i][:, slots] = k[:, first - start:].to(self.k), v[:, first - start:].to(self.v)
+        self.written[i] = max(self.written[i], start + k.shape[1])
 
-    def holds_window_before(self, position: int, length: int) -> bool:
-        """Whether the rings, holding `length` positions, still have the W - 1 before `position`."""
-        return max(0, position - self.window + 1) >= max(0, length - self.size)
+    def holds_window_before(self, position: int) -> bool:
+        """Whether every ring still has the W - 1 positions before `position`."""
+        return max(0, position - self.window + 1) >= max(0, max(self.written) - self.size)
+
+    def forget(self):
+        """Nothing is held any more (the cache is empty): every row may be written afresh."""
+        self.written = [0] * len(self.ring)
 
 
 def _window_bytes(cache: KVCache) -> int:

@@ -125,6 +125,31 @@ def test_hf_dir(case, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temp dir left behind
 
 
+@pytest.mark.parametrize("family,overrides,expected", [
+    ("gemma2", dict(num_hidden_layers=4, sliding_window=8), [0, 2]),
+    ("qwen3", dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1), [1, 2])])
+def test_configs_without_layer_types_window_the_layers_transformers_does(family, overrides, expected, tmp_path):
+    """config.json of transformers < 4.53 (every hub Gemma-2) has no layer_types: each family's rule
+    picks the windowed layers, as transformers does when it loads such a config."""
+    hf = tiny_hf(family, **overrides).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(0.15)
+    hf.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["layer_types"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    from generate import load_model
+    from offload import StandardCache
+    model, _ = load_model(convert(tmp_path / "hf", tmp_path / "out"), device="cpu", dtype=torch.float32)
+    assert model.args.sliding_layers == expected
+    reloaded = type(hf).from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(tokens, torch.arange(30), StandardCache(model.args, 1, 30, "cpu", torch.float32))
+        assert (ours - reloaded(tokens).logits).abs().max().item() <= 1e-4  # fp32 rounding: ~3e-6 measured
+
+
 @pytest.mark.parametrize("window,expected", [(128, (128, [0, 1])), (256, (None, [])), (None, (None, []))])
 def test_mistral_sliding_window(window, expected, tmp_path):
     """Mistral's window applies to every layer; one as long as the context (256 here) is no window."""

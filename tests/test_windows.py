@@ -136,6 +136,38 @@ def test_truncate_keeps_what_the_window_still_holds_and_else_starts_over():
 
 
 @torch.no_grad()
+def test_truncates_in_a_row_and_a_pass_cut_short_keep_only_what_the_rings_still_hold():
+    """A ring remembers the newest position written: after truncate(19) it still has position 19's
+    row, so a second step back (18) needs position 13, which is gone; a chunk that stored rows in some
+    layers, then failed, leaves rows newer than the cache's length."""
+    model = windowed_model(window=6)
+    ids = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(2)).tolist()[0]
+    fresh_then = lambda tokens: prefill(model, cache_of(model, "head", 40), tokens)
+    cache = cache_of(model, "head", 40)
+    prefill(model, cache, ids)
+    cache.truncate(19)
+    with pytest.raises(ValueError, match=r"keeps positions \[14, 19\) only; \[13, 19\)"):
+        cache.read(0, 13, 19)  # slot 13 % 6 holds position 19
+    cache.truncate(18)
+    assert cache.length == 0  # as a direct truncate(18) would
+    cache = cache_of(model, "head", 40)
+    prefill(model, cache, ids[:12])
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    hook = model.layers[1].register_forward_pre_hook(interrupt)  # after layer 0's ring stored the chunk
+    with pytest.raises(KeyboardInterrupt):
+        prefill(model, cache, ids[12:20])
+    hook.remove()
+    assert cache.length == 12
+    with pytest.raises(ValueError, match="sliding window"):  # used as is, the rings refuse
+        prefill(model, cache, ids[12:13])
+    cache.truncate(cache.length)  # what a chat session does after a failed turn: the cache starts over
+    assert cache.length == 0 and torch.equal(prefill(model, cache, ids[:14]), fresh_then(ids[:14]))
+
+
+@torch.no_grad()
 def test_read_and_write_reach_the_positions_a_ring_holds():
     model = windowed_model(window=6)
     cache = cache_of(model, "layer", 40)
