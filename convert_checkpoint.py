@@ -285,7 +285,8 @@ def open_gguf(path: Path) -> Source:
         "rope_base": f32(field(f"{arch}.rope.freq_base", 10000.0)),
         "rope_scaling": None,
         # Llama-3.1's frequency scaling, as llama.cpp stores it: one divisor per rotated pair.
-        "rope_freq_factors": gguf_f32(tensors["rope_freqs.weight"]).flatten().tolist() if "rope_freqs.weight" in tensors else None,
+        "rope_freq_factors": (gguf_f32(tensors["rope_freqs.weight"]).flatten().tolist()
+                              if "rope_freqs.weight" in tensors else None),
         "qkv_bias": "blk.0.attn_q.bias" in tensors,
         "qk_norm": "blk.0.attn_q_norm.weight" in tensors,
         "tie_word_embeddings": "output.weight" not in tensors,

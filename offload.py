@@ -165,8 +165,8 @@ def shared_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     Hk = k.shape[1]
     if q.device.type == "cpu" and Hk > 1:  # one KV head per call, as attention() does: equal sums for every policy
         rep = q.shape[1] // Hk
-        parts = [_shared_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1], scale, softcap, first_seen)
-                 for h in range(Hk)]
+        parts = [_shared_attention(q[:, h * rep:(h + 1) * rep], k[:, h:h + 1], v[:, h:h + 1], scale, softcap,
+                                   first_seen) for h in range(Hk)]
         return torch.cat([o for o, _ in parts], dim=1), torch.cat([l for _, l in parts], dim=1)
     return _shared_attention(q, k, v, scale, softcap, first_seen)
 
@@ -267,7 +267,8 @@ class KVCache:
         self._settle()
         device = self.device if device is None else torch.device(device)
         if self.args.window(layer) is not None:
-            return tuple(t.transpose(1, 2).to(device).contiguous() for t in self.windows.rows(layer, start, end, self.length))
+            rows = self.windows.rows(layer, start, end, self.length)
+            return tuple(t.transpose(1, 2).to(device).contiguous() for t in rows)
         shape = (self.batch, self.args.n_kv_head, end - start, self.args.head_dim)
         k, v = (torch.empty(shape, device=device, dtype=self.dtype) for _ in range(2))
         for k_part, v_part, h0, h1 in self._parts(layer):

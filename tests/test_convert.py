@@ -271,7 +271,8 @@ def llamacpp_rope_factors(theta: float, head_dim: int, rope: dict) -> np.ndarray
 
 
 GGUF_FAMILIES = {  # name: (HF family, GGUF architecture, HF config overrides)
-    "llama3.1-rope-freqs": ("llama", "llama", dict(rope_theta=50000.0, rope_scaling={"rope_type": "llama3", **LLAMA3_ROPE})),
+    "llama3.1-rope-freqs": ("llama", "llama",
+                            dict(rope_theta=50000.0, rope_scaling={"rope_type": "llama3", **LLAMA3_ROPE})),
     "qwen2": ("qwen2", "qwen2", dict(rope_theta=1e6)),
     "qwen3": ("qwen3", "qwen3", dict(head_dim=24)),
     # llama.cpp scales Gemma-2's queries by head_dim ** -0.5 (27B aside): query_pre_attn_scalar = head_dim

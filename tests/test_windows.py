@@ -215,7 +215,8 @@ def test_written_out_attention_bounds_its_blocks_and_equals_the_reference(monkey
     monkeypatch.setattr(offload, "SHARED_BLOCK_BYTES", 4096)
     g = torch.Generator().manual_seed(3)
     B, Hq, Hk, T, S, D = 2, 4, 2, 40, 600, 8
-    q, k, v = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k, v = torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
     for window in (None, 300, 7):
         got = attention(q, k, v, scale=0.2, softcap=1.5, window=window)
         scores = torch.tanh(q.double() @ k.double().repeat_interleave(2, 1).mT * 0.2 / 1.5) * 1.5
