@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import ModelArgs
+from model import ModelArgs, softcap as soft_cap  # here `softcap` names the cap, a number
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, softcap: float | None = None,
@@ -132,8 +132,7 @@ def _over_key_blocks(rows, k, v, n_keys, softcap, bounds) -> tuple[Tensor, Tenso
     acc = torch.zeros_like(rows)                                             # running sum of exp(score - top) * v
     for s in range(0, k.shape[2], n_keys):
         scores = rows @ k[:, :, s:s + n_keys].float().mT  # [B, Hk, Q, keys]
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+        scores = soft_cap(scores, softcap)
         if bounds is not None:
             keys = torch.arange(s, s + scores.shape[-1], device=rows.device)
             scores = scores.masked_fill(~_sees(bounds, keys), -torch.inf)

@@ -19,6 +19,7 @@ a key; a padding query still attends to the prefix (which is never empty), so no
 import torch
 from torch import Tensor
 
+from model import softcap
 from offload import KVCache, merge
 
 
@@ -78,9 +79,8 @@ class SharedPrefixCache:
         (-inf: no key, output 0). The scale and soft cap are the model's, as in offload.attention."""
         B, Hq, T, D = q.shape
         Hk, S = k.shape[1], k.shape[2]
-        scores = (q.float() * self.args.attention_scale).reshape(B, Hk, Hq // Hk * T, D) @ k.float().mT
-        if self.args.attn_softcap is not None:
-            scores = torch.tanh(scores / self.args.attn_softcap) * self.args.attn_softcap
+        scores = softcap((q.float() * self.args.attention_scale).reshape(B, Hk, Hq // Hk * T, D) @ k.float().mT,
+                         self.args.attn_softcap)
         scores = scores.view(B, Hk, Hq // Hk, T, S)
         key = torch.arange(S, device=q.device)
         query = torch.arange(start, start + T, device=q.device)

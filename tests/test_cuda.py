@@ -193,7 +193,8 @@ def test_sliding_windows_and_soft_caps_on_gpu_match_the_cpu():
     """Gemma-2's variants on CUDA: the rings on the device (never streamed), the written-out soft-capped
     kernel; every policy's fp32 logits within 1e-4 of the CPU's (other kernels, other sum orders), and
     the rings' memory the plan's."""
-    from tests.test_windows import Reference, chunked, windowed_model
+    from tests.test_offload import logits_of
+    from tests.test_windows import Reference, windowed_model
 
     cpu = windowed_model(window=64, layers=(0, 2), attn_softcap=5.0, final_softcap=10.0, query_pre_attn_scalar=12.0)
     model = windowed_model(window=64, layers=(0, 2), attn_softcap=5.0, final_softcap=10.0,
@@ -204,5 +205,5 @@ def test_sliding_windows_and_soft_caps_on_gpu_match_the_cpu():
         plan = plan_memory(model.args, 300, torch.float32, policy, "cuda", **layout)
         cache = make_cache(plan, model.args)
         assert cache.windows.k.is_cuda and cache.gpu_bytes == plan.gpu_bytes
-        got = chunked(model, cache, tokens.cuda(), 100).cpu()
+        got = logits_of(model, cache, tokens.cuda(), 100, 0).cpu()
         assert (got - ref).abs().max().item() <= 1e-4, policy

@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 from convert_checkpoint import convert
 from generate import generate, load_model
 from planner import make_cache, plan_memory
+from tests.test_offload import logits_of
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -61,9 +62,7 @@ def chunked_logits(model, policy, tokens, chunk):
     offload streaming single heads, one slot resident: the layout that exercises the most)."""
     layout = dict(group_size=1, resident=1) if policy == "head" else {}
     cache = make_cache(plan_memory(model.args, tokens.shape[1], torch.float32, policy, "cpu", **layout), model.args)
-    T = tokens.shape[1]
-    return torch.cat([model(tokens[:, s:s + chunk], torch.arange(s, min(s + chunk, T)), cache)
-                      for s in range(0, T, chunk)], dim=1)
+    return logits_of(model, cache, tokens, chunk, 0)
 
 
 @torch.no_grad()

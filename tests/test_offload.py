@@ -37,10 +37,10 @@ def logits_of(model, cache, tokens, chunk, n_decode):
     out, T = [], tokens.shape[1]
     for s in range(0, T, chunk):
         part = tokens[:, s:s + chunk]
-        out.append(model(part, torch.arange(s, s + part.shape[1]), cache))
+        out.append(model(part, torch.arange(s, s + part.shape[1], device=tokens.device), cache))
     token = out[-1][:, -1:].argmax(-1)
     for i in range(n_decode):
-        out.append(model(token, torch.tensor([T + i]), cache))
+        out.append(model(token, torch.tensor([T + i], device=tokens.device), cache))
         token = out[-1][:, -1:].argmax(-1)
     return torch.cat(out, dim=1)
 

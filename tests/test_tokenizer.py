@@ -285,19 +285,22 @@ def test_tiktoken_format_tokenizer_model(tmp_path, llama3_hf):
 
 # --- sentencepiece (Llama-2, Mistral) ---
 
-@pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory):
+def train_sentencepiece(out: Path, **settings) -> Path:
+    """out/tokenizer.model: a sentencepiece BPE model with Llama-2's settings (byte fallback, digits split, no
+    normalization), trained on TRAIN_TEXT, plus `settings`."""
     import sentencepiece
 
-    out = tmp_path_factory.mktemp("sp")
-    # Llama-2's settings (BPE, byte fallback, digits split, no normalization), plus control tokens as in
-    # Mistral v3.
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(TRAIN_TEXT.splitlines()), model_prefix=str(out / "tokenizer"), vocab_size=600,
         model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, control_symbols=["[INST]", "[/INST]"], character_coverage=1.0,
-        minloglevel=2, num_threads=1)
+        remove_extra_whitespaces=False, character_coverage=1.0, minloglevel=2, num_threads=1, **settings)
     return out
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory):
+    # Llama-2's settings, plus control tokens as in Mistral v3.
+    return train_sentencepiece(tmp_path_factory.mktemp("sp"), control_symbols=["[INST]", "[/INST]"])
 
 
 def test_sentencepiece(sp_dir):
@@ -397,19 +400,12 @@ GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + 
 
 @pytest.fixture(scope="module")
 def gemma_sp_dir(tmp_path_factory):
-    import sentencepiece
-
-    out = tmp_path_factory.mktemp("gemma_sp")
-    # Gemma's settings: no dummy prefix, byte fallback, <pad> <eos> <bos> <unk> first, turn markers and a run of
-    # spaces as user-defined pieces (taken whole).
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TRAIN_TEXT.splitlines()), model_prefix=str(out / "tokenizer"), vocab_size=600,
-        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False,
+    # Gemma's settings: no dummy prefix, <pad> <eos> <bos> <unk> first, turn markers and a run of spaces as
+    # user-defined pieces (taken whole).
+    return train_sentencepiece(
+        tmp_path_factory.mktemp("gemma_sp"), add_dummy_prefix=False,
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "▁▁▁▁"], pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", character_coverage=1.0,
-        minloglevel=2, num_threads=1)
-    return out
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>")
 
 
 def write_sentencepiece_gguf(path, model_file, added=None, padding=0, add_space_prefix=None, chat_template=None,

@@ -13,6 +13,7 @@ from generate import generate, generate_many, prefill
 from model import ModelArgs, Transformer
 from offload import _written_out, attention
 from planner import make_cache, plan_memory
+from tests.test_offload import logits_of
 
 POLICIES = {"none": {}, "layer": {}, "head": dict(group_size=1, resident=1)}  # head: single heads, one resident
 
@@ -50,12 +51,6 @@ class Reference:
         return (scores.masked_fill(~seen, -math.inf).softmax(-1) @ v).float()
 
 
-def chunked(model, cache, tokens, chunk):
-    T = tokens.shape[1]
-    return torch.cat([model(tokens[:, s:s + chunk], torch.arange(s, min(s + chunk, T), device=tokens.device), cache)
-                      for s in range(0, T, chunk)], dim=1)
-
-
 VARIANTS = {
     "window": dict(),
     "every-layer-windowed": dict(layers=(0, 1, 2), window=4),
@@ -73,7 +68,7 @@ def test_every_policy_and_chunking_attends_within_the_window(variant):
     tokens = torch.randint(0, 50, (2, 30), generator=torch.Generator().manual_seed(1))  # batch 2: rows apart
     ref = model(tokens, torch.arange(30), Reference(model.args))
     for chunk in (30, 7, 3, 1):
-        got = {policy: chunked(model, cache_of(model, policy, 30, batch=2), tokens, chunk) for policy in POLICIES}
+        got = {policy: logits_of(model, cache_of(model, policy, 30, batch=2), tokens, chunk, 0) for policy in POLICIES}
         for policy, logits in got.items():
             # fp32 sums against float64: ~3e-7 measured on logits up to ~3
             torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0, msg=f"{policy} chunk {chunk}")
