@@ -437,8 +437,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     """
     check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk, ctx_size)
     if prompt_cache is not None:
-        check_prompt_cache_path(prompt_cache, prompt_cache_ro)
-        check_no_windows(model.args)
+        check_prompt_cache(model.args, prompt_cache, prompt_cache_ro)
     args, device, dtype = model.args, model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     chunk = prefill_chunk or default_prefill_chunk(device)
     if cache is None:
@@ -532,7 +531,7 @@ def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list
     check_questions(model, prefix_ids, suffixes)
     check_request(model, prefix_ids, max_new_tokens, temperature, top_k, prefill_chunk)
     if prompt_cache is not None:
-        check_prompt_cache_path(prompt_cache, prompt_cache_ro)
+        check_prompt_cache(model.args, prompt_cache, prompt_cache_ro)
     args, device, dtype = model.args, model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     chunk = prefill_chunk or default_prefill_chunk(device)
     longest = max(map(len, suffixes))
@@ -597,9 +596,11 @@ def check_questions(model, prefix_ids, suffixes):
                          f"{model.args.max_seq_len}", ("prompt_file", "questions_file"))
 
 
-def check_no_windows(args):
-    """A prompt cache saves every position of every layer, and a sliding-window layer no longer keeps
-    the positions before its window."""
+def check_prompt_cache(args, path, read_only: bool):
+    """A prompt cache can be used: its path (check_prompt_cache_path), and a model without sliding-window
+    layers (the file saves every position of every layer, and such a layer no longer keeps the positions
+    before its window)."""
+    check_prompt_cache_path(path, read_only)
     if args.sliding_layers:
         raise UsageError(f"a prompt cache does not work yet with sliding-window layers: {len(args.sliding_layers)} of "
                          f"this model's layers keep only their last {args.sliding_window} tokens", ("prompt_cache",))

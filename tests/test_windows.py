@@ -179,9 +179,17 @@ def test_read_and_write_reach_the_positions_a_ring_holds():
         assert all(torch.equal(x, y) for x, y in zip(other.read(layer, start), cache.read(layer, start)))
 
 
-def test_a_prompt_cache_is_refused_it_would_need_positions_the_rings_dropped(tmp_path):
+@pytest.mark.parametrize("run", ["generate", "generate_many"])
+def test_a_prompt_cache_is_refused_it_would_need_positions_the_rings_dropped(tmp_path, run):
+    """Before any work, for one prompt and for many questions alike (the prefix is longer than the
+    window of 5, so saving it would need positions the rings no longer hold)."""
+    model, path = windowed_model(), tmp_path / "p.kv"
     with pytest.raises(UsageError, match="a prompt cache does not work yet with sliding-window layers"):
-        generate(windowed_model(), [1, 2, 3], 2, prompt_cache=tmp_path / "p.kv")
+        if run == "generate":
+            generate(model, list(range(1, 24)), 2, prompt_cache=path)
+        else:
+            generate_many(model, list(range(1, 24)), [[3, 4], [5]], 2, prompt_cache=path)
+    assert not path.exists()
 
 
 @pytest.mark.parametrize("variant", ["window", "soft-capped-window-1", "soft-capped-no-window"])
