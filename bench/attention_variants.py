@@ -13,7 +13,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +23,7 @@ if __name__ == "__main__":
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from bench.harness import cpu_model
+from bench.harness import cpu_model, timed
 from model import ModelArgs
 from offload import attention
 
@@ -48,12 +47,6 @@ def variants(args: ModelArgs, T: int, S: int):
             "flex_eager_softcap": flex}
 
 
-def seconds(fn, q, k, v) -> float:
-    t0 = time.perf_counter()
-    fn(q, k, v)
-    return time.perf_counter() - t0
-
-
 @torch.no_grad()
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,7 +66,7 @@ def main():
         runs = {name: [] for name in fns}
         for _ in range(opts.repeats):
             for name, fn in fns.items():
-                runs[name].append(seconds(fn, q, k, v))
+                runs[name].append(timed("cpu", lambda: fn(q, k, v))[1])
         median = {name: statistics.median(r) for name, r in runs.items()}
         row = {"T": T, "S": S, **{f"{n}_ms": 1e3 * m for n, m in median.items()},
                "ours_over_sdpa": median["ours_softcap"] / median["sdpa_no_softcap"],

@@ -8,8 +8,8 @@ transformers = pytest.importorskip("transformers")
 
 from convert_checkpoint import convert
 from generate import generate, load_model
-from planner import make_cache, plan_memory
 from tests.test_offload import logits_of
+from tests.test_windows import cache_of
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -60,9 +60,7 @@ def converted(request, tmp_path_factory):
 def chunked_logits(model, policy, tokens, chunk):
     """Every position's logits, prefilled `chunk` tokens at a time into a cache of `policy` (head
     offload streaming single heads, one slot resident: the layout that exercises the most)."""
-    layout = dict(group_size=1, resident=1) if policy == "head" else {}
-    cache = make_cache(plan_memory(model.args, tokens.shape[1], torch.float32, policy, "cpu", **layout), model.args)
-    return logits_of(model, cache, tokens, chunk, 0)
+    return logits_of(model, cache_of(model, policy, tokens.shape[1]), tokens, chunk, 0)
 
 
 @torch.no_grad()

@@ -36,6 +36,12 @@ GROUP_TIMEOUT_S = 300  # a group that hangs fails the test instead of the suite
 LOGIT_ULPS = 64
 
 
+def assert_one_process_logits(got, expected):
+    assert got.shape == expected.shape  # the whole vocabulary, not one rank's slice
+    ulp = torch.finfo(torch.float32).eps * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=0, atol=LOGIT_ULPS * ulp)
+
+
 def lively(args: ModelArgs) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(args)
@@ -126,11 +132,7 @@ def test_every_rank_computes_the_same_logits_tokens_and_answers(ranks):
 @pytest.mark.parametrize("policy", W.POLICIES)
 @pytest.mark.parametrize("chunk", W.CHUNKS)
 def test_logits_are_one_process_logits_to_fp32_rounding(ranks, alone, policy, chunk):
-    expected = W.logits_of(alone, policy, chunk)
-    got = ranks[0][f"logits {policy} {chunk}"]
-    assert got.shape == expected.shape  # the whole vocabulary, not one rank's slice
-    ulp = torch.finfo(torch.float32).eps * expected.abs().max().item()
-    torch.testing.assert_close(got, expected, rtol=0, atol=LOGIT_ULPS * ulp)
+    assert_one_process_logits(ranks[0][f"logits {policy} {chunk}"], W.logits_of(alone, policy, chunk))
 
 
 @pytest.mark.parametrize("chunk", W.CHUNKS)
@@ -216,9 +218,7 @@ def test_a_gemma2_group_with_sliding_windows_answers_as_one_process(gemma2_ckpt,
     assert len(alone.args.sliding_layers) == 2 and got["shard_args"].sliding_layers == [0, 2]
     for policy in W.POLICIES:
         for chunk in W.CHUNKS:
-            expected = W.logits_of(alone, policy, chunk)
-            ulp = torch.finfo(torch.float32).eps * expected.abs().max().item()
-            torch.testing.assert_close(got[f"logits {policy} {chunk}"], expected, rtol=0, atol=LOGIT_ULPS * ulp)
+            assert_one_process_logits(got[f"logits {policy} {chunk}"], W.logits_of(alone, policy, chunk))
             assert got[f"tokens {policy} {chunk}"] == G.generate(alone, W.PROMPT, 24, offload=policy,
                                                                  prefill_chunk=chunk)
         assert got[f"answers {policy}"] == G.generate_many(alone, W.PROMPT[:29], W.QUESTIONS, 12, offload=policy,
@@ -234,7 +234,7 @@ def test_ranks_that_do_not_divide_the_kv_heads_are_refused_by_name():
 # --- the CLI under torchrun (the checkpoint borrows the default model's tokenizer) -----------------
 
 @pytest.mark.default_model
-def test_the_cli_prints_once_and_answers_as_one_process(chat_ckpt, capsys, tmp_path):
+def test_the_cli_prints_once_and_answers_as_one_process(chat_ckpt, capsys):
     argv = ["--checkpoint", chat_ckpt, "--max-new-tokens", "16", "--offload", "head", "--prefill-chunk", "8"]
     expected, _ = run_json([str(a) for a in argv], capsys)
     r = torchrun(2, "generate.py", *argv, "--json")

@@ -34,21 +34,28 @@ def cache_of(model, policy, max_len, batch=1):
     return make_cache(plan, model.args)
 
 
+def attention_in_float64(q, k, v, scale, softcap, window):
+    """Attention of q [B, Hq, T, D] over k/v [B, Hk, S, D], the queries being the last T keys, written
+    out in float64: the soft cap on the scores, the causal mask and the window as one mask."""
+    T, S = q.shape[2], k.shape[2]
+    k, v = (t.double().repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = q.double() @ k.mT * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    i, j = torch.arange(S - T, S)[:, None], torch.arange(S)[None, :]
+    seen = (j <= i) & (j > i - (window or S))
+    return scores.masked_fill(~seen, -math.inf).softmax(-1) @ v
+
+
 class Reference:
-    """The cache interface over the whole sequence in one pass: float64 scores, the window as a mask."""
+    """The cache interface over the whole sequence in one pass (attention_in_float64)."""
 
     def __init__(self, args):
         self.args = args
 
     def __call__(self, layer, q, k, v):
-        a, T = self.args, q.shape[2]
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1).double() for t in (k, v))
-        scores = q.double() @ k.mT * a.attention_scale
-        if a.attn_softcap is not None:
-            scores = torch.tanh(scores / a.attn_softcap) * a.attn_softcap
-        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-        seen = (j <= i) & (j > i - (a.window(layer) or T))
-        return (scores.masked_fill(~seen, -math.inf).softmax(-1) @ v).float()
+        a = self.args
+        return attention_in_float64(q, k, v, a.attention_scale, a.attn_softcap, a.window(layer)).float()
 
 
 VARIANTS = {
@@ -109,21 +116,25 @@ def test_on_a_gpu_budget_the_rings_come_first():
         plan_memory(a, 4096, torch.bfloat16, "head", "cuda", gpu_budget=ring_bytes - 1)
 
 
+def fresh_then(model, tokens):
+    """The logits of a prefill of `tokens` into a new cache: what a cache cut back and continued must give."""
+    return prefill(model, cache_of(model, "head", 40), tokens)
+
+
 @torch.no_grad()
 def test_truncate_keeps_what_the_window_still_holds_and_else_starts_over():
     model = windowed_model(window=6)
     ids = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(2)).tolist()[0]
-    fresh_then = lambda tokens: prefill(model, cache_of(model, "head", 40), tokens)
     cache = cache_of(model, "head", 40)
     prefill(model, cache, ids)
     cache.truncate(19)  # the ring still has the 5 tokens before position 19
     assert cache.length == 19
     # Another token at 19: as if only ids[:19] had been stored (a decode step against a prefill: the
     # sums run in another order, a few ulps of logits near 1).
-    torch.testing.assert_close(prefill(model, cache, [7]), fresh_then(ids[:19] + [7]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(prefill(model, cache, [7]), fresh_then(model, ids[:19] + [7]), atol=1e-5, rtol=0)
     cache.truncate(10)  # overwritten: everything is forgotten, and the next prefill computes it all
     assert cache.length == 0
-    assert torch.equal(prefill(model, cache, ids[:12]), fresh_then(ids[:12]))
+    assert torch.equal(prefill(model, cache, ids[:12]), fresh_then(model, ids[:12]))
     short = cache_of(model, "none", 5)  # a ring as long as the cache never wraps: any truncation keeps
     prefill(model, short, ids[:5])
     short.truncate(1)
@@ -137,7 +148,6 @@ def test_truncates_in_a_row_and_a_pass_cut_short_keep_only_what_the_rings_still_
     layers, then failed, leaves rows newer than the cache's length."""
     model = windowed_model(window=6)
     ids = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(2)).tolist()[0]
-    fresh_then = lambda tokens: prefill(model, cache_of(model, "head", 40), tokens)
     cache = cache_of(model, "head", 40)
     prefill(model, cache, ids)
     cache.truncate(19)
@@ -159,7 +169,7 @@ def test_truncates_in_a_row_and_a_pass_cut_short_keep_only_what_the_rings_still_
     with pytest.raises(ValueError, match="sliding window"):  # used as is, the rings refuse
         prefill(model, cache, ids[12:13])
     cache.truncate(cache.length)  # what a chat session does after a failed turn: the cache starts over
-    assert cache.length == 0 and torch.equal(prefill(model, cache, ids[:14]), fresh_then(ids[:14]))
+    assert cache.length == 0 and torch.equal(prefill(model, cache, ids[:14]), fresh_then(model, ids[:14]))
 
 
 @torch.no_grad()
@@ -222,10 +232,7 @@ def test_written_out_attention_bounds_its_blocks_and_equals_the_reference(monkey
     k, v = torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
     for window in (None, 300, 7):
         got = attention(q, k, v, scale=0.2, softcap=1.5, window=window)
-        scores = torch.tanh(q.double() @ k.double().repeat_interleave(2, 1).mT * 0.2 / 1.5) * 1.5
-        i, j = torch.arange(S - T, S)[:, None], torch.arange(S)[None, :]
-        seen = (j <= i) & (j > i - (window or S))
-        ref = scores.masked_fill(~seen, -math.inf).softmax(-1) @ v.double().repeat_interleave(2, 1)
+        ref = attention_in_float64(q, k, v, 0.2, 1.5, window)
         torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=0)  # fp32 sums of <= 600 terms
     out, lse = _written_out(torch.randn(1, 1, 3, D), torch.zeros(1, 1, 0, D), torch.zeros(1, 1, 0, D))
     assert torch.equal(out, torch.zeros(1, 1, 3, D)) and torch.isneginf(lse).all()  # no keys: weighs 0 in merge
