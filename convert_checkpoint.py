@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from errors import UsageError
+from errors import ArgumentParser, UsageError
 from model import ModelArgs
 
 
@@ -457,7 +457,6 @@ def convert(src, out_dir, force: bool = False) -> Path:
 
 
 def main(argv=None):
-    from generate import ArgumentParser  # one-line usage errors, like generate.py
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="Hugging Face model dir, hub repo id (org/name), or .gguf file "
                         f"(GGUF architectures: {', '.join(GGUF_ARCHITECTURES)})")

@@ -1,4 +1,7 @@
-"""The one exception type for problems a user can fix, shared by the Python API and both CLIs."""
+"""The one exception type for problems a user can fix, shared by the Python API and both CLIs, and
+the argument parser both CLIs use to say a bad flag in one line."""
+import argparse
+import sys
 
 
 class UsageError(Exception):
@@ -17,3 +20,11 @@ class UsageError(Exception):
         if not self.options:
             return str(self)
         return f"{self} (see {', '.join('--' + name.replace('_', '-') for name in self.options)})"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line, like every other error of these tools (argparse prints the usage too)."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)

@@ -19,6 +19,8 @@ from tensor_parallel import agree, local_ranks
 
 POLICIES = ("none", "layer", "head")
 GiB = 1 << 30
+DEFAULT_PREFILL_CHUNK = 8192  # on CUDA. Paper Sec. 5: 10K-token chunks keep prefill compute bound on a 4090.
+CPU_PREFILL_CHUNK = 512       # the CPU is compute bound at any chunk size; small chunks show progress
 
 
 def fmt_bytes(n: float) -> str:
@@ -195,6 +197,11 @@ def check_fits(nbytes: int, device: torch.device, what: str):
         raise UsageError(f"{what} need {fmt_bytes(nbytes)} but {where} has {fmt_bytes(free)} available")
 
 
+def default_prefill_chunk(device) -> int:
+    """Prompt tokens per prefill pass: a chunk's activations are what a prefill adds to the GPU's memory."""
+    return DEFAULT_PREFILL_CHUNK if torch.device(device).type == "cuda" else CPU_PREFILL_CHUNK
+
+
 def activation_reserve(args: ModelArgs, dtype, chunk: int) -> int:
     """GPU memory kept free for one prefill chunk's activations, plus a fixed margin for the allocator."""
     per_token = (4 * args.dim + 3 * args.intermediate_size + 2 * (args.n_head + 2 * args.n_kv_head) * args.head_dim)
@@ -213,7 +220,8 @@ def question_bytes(args: ModelArgs, dtype, n_questions: int, longest: int, room:
 
 
 def plan_cache(args: ModelArgs, max_len: int, dtype, device, policy: str, gpu_kv_budget: float | None = None,
-               prefill_chunk: int = 8192, batch: int = 1, questions: tuple[int, int, int] | None = None) -> Plan:
+               prefill_chunk: int = DEFAULT_PREFILL_CHUNK, batch: int = 1,
+               questions: tuple[int, int, int] | None = None) -> Plan:
     """The cache plan for a run on this machine, checked against host RAM and (on CUDA) the GPU memory
     left free by the weights and one prefill chunk's activations. gpu_kv_budget is in GiB; by default
     the KV may take all of that free memory.

@@ -19,10 +19,13 @@ import sys
 import zlib
 from dataclasses import asdict
 from pathlib import Path
+from time import perf_counter
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+import tensor_parallel
 from errors import UsageError
 from planner import fmt_bytes
 
@@ -74,6 +77,18 @@ def check_prompt_cache_path(path, read_only: bool = False):
                          ("prompt_cache",))
 
 
+def check_prompt_cache(args, path, read_only: bool):
+    """A prompt cache can be used (None: none is asked for): its path (check_prompt_cache_path), and a
+    model without sliding-window layers (the file saves every position of every layer, and such a
+    layer no longer keeps the positions before its window)."""
+    if path is None:
+        return
+    check_prompt_cache_path(path, read_only)
+    if args.sliding_layers:
+        raise UsageError(f"a prompt cache does not work yet with sliding-window layers: {len(args.sliding_layers)} of "
+                         f"this model's layers keep only their last {args.sliding_window} tokens", ("prompt_cache",))
+
+
 # --- loading ------------------------------------------------------------------------------------
 
 def load_prompt_cache(cache, path, model, ids, progress: bool = False) -> tuple[int, int]:
@@ -91,7 +106,6 @@ def load_prompt_cache(cache, path, model, ids, progress: bool = False) -> tuple[
     path = Path(path)
     if not path.exists():
         return 0, 0
-    from safetensors import SafetensorError, safe_open  # imported here like generate.load_model does
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             crcs = _check_header(f, model, cache.dtype)
@@ -235,3 +249,41 @@ def _rows(cache, layer: int, start: int, end: int) -> torch.Tensor:
     """Positions [start, end) of a layer in the file's layout, [T, 2, n_kv_head, head_dim], in host RAM."""
     k, v = cache.read(layer, start, end, device="cpu")  # [1, n_kv, T, D]
     return torch.stack((k[0], v[0])).permute(2, 0, 1, 3).contiguous()
+
+
+# --- for a run: a file that cannot be used or saved is one line on stderr, not a failed run -----------
+
+def load_or_note(cache, path, model, prompt_ids, progress) -> tuple[int, int]:
+    """load_prompt_cache, or one line on stderr saying why the file is not used, and nothing loaded.
+    Under tensor parallelism each rank loads its own file (rank_file), and all keep the positions that
+    every rank could load: the prefill after them is one computation of all ranks together."""
+    path = tensor_parallel.rank_file(path)
+    try:
+        (reused, stored), note = load_prompt_cache(cache, path, model, prompt_ids, progress), None
+    except UnusablePromptCache as e:
+        (reused, stored), note = (0, 0), f"note: prompt cache {path} not used: {e}; it is computed again"
+    common = tensor_parallel.fewest_over_ranks(reused)
+    if common < reused:
+        cache.truncate(common)
+    if note is not None:
+        print(note, file=sys.stderr)
+    elif progress:
+        fewest = " (the fewest that every rank has)" if common < reused else ""
+        print(f"prompt cache {path}: " + (f"{common} of {len(prompt_ids)} prompt tokens reused{fewest}" if stored else
+                                          "none yet; it is written after this run"), file=sys.stderr)
+    return common, stored
+
+
+def save_or_warn(cache, path, model, prompt_ids, progress):
+    """save_prompt_cache (this rank's file, under tensor parallelism); when the disk is full or the
+    write fails, one line on stderr and the old file as it was: the answer has been given, only the
+    next run's reuse is lost."""
+    path = tensor_parallel.rank_file(path)
+    try:
+        t0 = perf_counter()
+        size = save_prompt_cache(cache, path, model, prompt_ids, progress)
+        if progress:
+            print(f"prompt cache {path}: {len(prompt_ids)} tokens saved ({fmt_bytes(size)} in "
+                  f"{perf_counter() - t0:.2f} s)", file=sys.stderr)
+    except UsageError as e:
+        print(f"warning: {e}", file=sys.stderr)

@@ -7,8 +7,8 @@ layer's attention for a question's query is the exact softmax over both parts:
 
     attention over [prefix; own] = merge(attention over the prefix, causal attention over its own)
 
-merged by log-sum-exp (offload.merge). The prefix part takes the queries of all B questions in one
-pass (offload.shared_attention), so one read of the prefix's K/V serves every question: with the
+merged by log-sum-exp (attention.merge). The prefix part takes the queries of all B questions in one
+pass (attention.shared_attention), so one read of the prefix's K/V serves every question: with the
 prefix streamed over PCIe, B questions per step cost about what one does (Hydragen and FlashInfer's
 cascade attention do this for caches on the GPU).
 
@@ -19,8 +19,9 @@ a key; a padding query still attends to the prefix (which is never empty), so no
 import torch
 from torch import Tensor
 
+from attention import merge
 from model import softcap
-from offload import KVCache, merge
+from offload import KVCache
 
 
 class SharedPrefixCache:
@@ -76,7 +77,7 @@ class SharedPrefixCache:
     def _attend_own(self, q: Tensor, k: Tensor, v: Tensor, start: int, window: int | None) -> tuple[Tensor, Tensor]:
         """Causal attention of q [B, Hq, T, D] (slots start..start+T-1) over each sequence's own slots
         k/v [B, Hk, S, D], padding excluded, within the layer's window; output and log-sum-exp in fp32
-        (-inf: no key, output 0). The scale and soft cap are the model's, as in offload.attention."""
+        (-inf: no key, output 0). The scale and soft cap are the model's, as in attention.attention."""
         B, Hq, T, D = q.shape
         Hk, S = k.shape[1], k.shape[2]
         scores = softcap((q.float() * self.args.attention_scale).reshape(B, Hk, Hq // Hk * T, D) @ k.float().mT,
@@ -103,3 +104,12 @@ class SharedPrefixCache:
                 self.k[:, new] = self.k[:, old]
                 self.v[:, new] = self.v[:, old]
         self.k, self.v, self.first = self.k[:, :len(rows)], self.v[:, :len(rows)], self.first[rows]
+
+
+def shared_length(prompts: list[list[int]]) -> int:
+    """How many ids every prompt begins with, leaving each at least one of its own: the prefix that
+    B whole prompts (a document, then each question, tokenized together) can share."""
+    n = min(map(len, prompts)) - 1
+    for ids in prompts[1:]:
+        n = next((i for i in range(n) if ids[i] != prompts[0][i]), n)
+    return max(n, 0)

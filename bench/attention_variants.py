@@ -1,5 +1,5 @@
 """What Gemma-2's soft-capped attention costs on the CPU, by kernel: SDPA (which cannot soft-cap: the
-cost of the same shape without it), ours (offload.attention with a soft cap: written out in fp32 over
+cost of the same shape without it), ours (attention.attention with a soft cap: written out in fp32 over
 key blocks) and FlexAttention in eager mode (a score_mod and a bottom-right block mask; without
 torch.compile it materializes every score).
 
@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bench.harness import cpu_model, timed
 from model import ModelArgs
-from offload import attention
+from attention import attention
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,10 +20,9 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root: mode
 import torch
 import torch.nn.functional as F
 
-from generate import DEFAULT_PREFILL_CHUNK
+from attention import attention
 from model import ModelArgs
-from offload import attention
-from planner import GiB, activation_reserve, host_available_bytes
+from planner import DEFAULT_PREFILL_CHUNK, GiB, activation_reserve, host_available_bytes
 
 from bench.harness import (DRY_ARGS, WARMUP_STEPS, K, Clock, attempt, build_model, context_run, fmt_tokens,
                            longest_context, make_kv, meta_weights_bytes, parse_tokens, prefill_run, release, timed)

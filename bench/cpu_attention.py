@@ -1,5 +1,5 @@
 """What exactness costs on the CPU: the standard cache's decode with one KV head per attention call
-(what offload.attention does there, so that every policy agrees bit for bit) vs one call for all heads.
+(what attention.attention does there, so that every policy agrees bit for bit) vs one call for all heads.
 
     python bench/cpu_attention.py        # writes bench/results/cpu-attention.json
 
@@ -20,13 +20,14 @@ if __name__ == "__main__":
 
 import torch
 
+import attention
 import offload
 from bench.harness import cpu_model
 from generate import load_model, prefill
 from offload import StandardCache
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {"per_kv_head": offload.attention, "all_heads": offload._attention}
+VARIANTS = {"per_kv_head": attention.attention, "all_heads": attention._attention}
 
 
 @torch.no_grad()
@@ -58,7 +59,7 @@ def main():
         runs = {name: [] for name in VARIANTS}
         for _ in range(opts.repeats):  # alternating: a slow spell of the machine hits both alike
             for name, fn in VARIANTS.items():
-                offload.attention = fn  # the function StandardCache.attend calls
+                offload.attention = fn  # the name StandardCache.attend calls
                 runs[name].append(decode_tok_s(model, cache, context, opts.steps))
         offload.attention = VARIANTS["per_kv_head"]
         median = {name: statistics.median(r) for name, r in runs.items()}

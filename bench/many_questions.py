@@ -32,10 +32,10 @@ from bench.bench import best_time
 from bench.harness import DRY_ARGS, build_model, cpu_model, fmt_tokens, parse_tokens, sync
 from bench.prompt_cache import DOCUMENT
 from chat import prompt_text
-from generate import decode, decode_many, load_model, prefill, prefill_questions, shared_length
+from generate import decode, decode_many, load_model, prefill, prefill_questions
 from model import ModelArgs
 from planner import make_cache, plan_memory
-from shared_prefix import SharedPrefixCache
+from shared_prefix import SharedPrefixCache, shared_length
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [f"How many sacks did the mill grind in {year}?" for year in (1702, 1711, 1723, 1730)] + \

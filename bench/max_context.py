@@ -22,9 +22,8 @@ if __name__ == "__main__":  # run as a script: import the repo's modules and the
 import torch
 
 from errors import UsageError
-from generate import DEFAULT_PREFILL_CHUNK
 from model import ModelArgs
-from planner import activation_reserve, make_cache, plan_memory
+from planner import DEFAULT_PREFILL_CHUNK, activation_reserve, make_cache, plan_memory
 
 from bench.harness import DRY_ARGS, attempt, build_model, context_run, weights_bytes
 

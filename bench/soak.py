@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import cpu_model  # noqa: E402
-from generate import generate, load_model, resolve_device  # noqa: E402
+from checkpoint import resolve_device  # noqa: E402
+from generate import generate, load_model  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and the ships she guided through the storms."
 

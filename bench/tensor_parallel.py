@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench.harness import cpu_model
-from generate import default_checkpoint
+from checkpoint import default_checkpoint
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent

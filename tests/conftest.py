@@ -25,7 +25,7 @@ def tiny_ckpt(tmp_path_factory):
     max_seq_len 256: what the CLI tests run (tests using it are marked default_model)."""
     from safetensors.torch import save_file
 
-    from generate import default_checkpoint
+    from checkpoint import default_checkpoint
     from model import ModelArgs, Transformer
 
     out = tmp_path_factory.mktemp("tiny")

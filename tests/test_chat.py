@@ -8,6 +8,7 @@ import torch
 
 import generate as G
 from chat import Conversation, prompt_text
+from errors import UsageError
 from generate import generate, prefill
 from planner import make_cache, plan_cache
 from tests.test_cli_errors import run_in_process
@@ -43,7 +44,7 @@ def test_a_cache_that_holds_the_whole_prompt_is_refused():
     model = tiny_model(6, 3)
     cache = make_cache(plan_cache(model.args, 50, torch.float32, "cpu", "none"), model.args)
     prefill(model, cache, ids_of(10))
-    with pytest.raises(G.UsageError, match="must go beyond them"):
+    with pytest.raises(UsageError, match="must go beyond them"):
         generate(model, ids_of(10), 3, cache=cache)
 
 

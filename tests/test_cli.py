@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+import checkpoint
+import cli
 import generate as G
+from tokenizer import load_tokenizer
 from tests.test_cli_errors import run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +27,7 @@ def run_json(argv, capsys):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return G.load_tokenizer(G.default_checkpoint())
+    return load_tokenizer(checkpoint.default_checkpoint())
 
 
 def test_chat_is_the_default_when_the_checkpoint_has_a_template(tokenizer, capsys):
@@ -54,7 +57,7 @@ def test_an_hf_model_dir_runs_directly_converted_once(tmp_path, monkeypatch, cap
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
                                       max_position_embeddings=128))
     hf.save_pretrained(tmp_path / "hf")
-    for f in G.default_checkpoint().glob("tokenizer*"):  # the ids of our tokenizer fit its vocab
+    for f in checkpoint.default_checkpoint().glob("tokenizer*"):  # the ids of our tokenizer fit its vocab
         shutil.copy(f, tmp_path / "hf")
     argv = ["--checkpoint", str(tmp_path / "hf"), "--prompt", "hello", "--max-new-tokens", "3"]
     first, err = run_json(argv, capsys)
@@ -64,9 +67,9 @@ def test_an_hf_model_dir_runs_directly_converted_once(tmp_path, monkeypatch, cap
 
 
 def test_help_gives_every_flag_a_line_and_its_default(capsys):
-    r = run_in_process(G.parse_args, ["--help"], capsys)
+    r = run_in_process(cli.parse_args, ["--help"], capsys)
     assert r.returncode == 0
-    flags = [a for a in G.build_parser()._actions if a.option_strings and a.dest != "help"]
+    flags = [a for a in cli.build_parser()._actions if a.option_strings and a.dest != "help"]
     for action in flags:
         assert action.help and "default" in action.help, action.option_strings
         assert action.option_strings[0] in r.stdout

@@ -56,7 +56,7 @@ def test_2k_prompt_500_chunks_head_and_layer_equal_standard(smollm):
     for cache in (HeadOffloadCache(args, 1, max_len, "cpu", torch.float32, group_size=1, resident=31),
                   HeadOffloadCache(args, 1, max_len, "cpu", torch.float32, group_size=2, resident=0),
                   LayerOffloadCache(args, 1, max_len, "cpu", torch.float32)):
-        # Bit for bit: on the CPU every policy attends one KV head per call (offload.attention), so the
+        # Bit for bit: on the CPU every policy attends one KV head per call (attention.attention), so the
         # kernels' thread split, and with it the order of every fp32 sum, is the same in all of them.
         assert torch.equal(run(cache), ref), (type(cache).__name__, getattr(cache, "group_size", None))
 

@@ -4,7 +4,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from generate import build_parser
+from cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import offload
-from generate import UsageError, generate
+from errors import UsageError
+from generate import generate
 from tests.test_offload import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

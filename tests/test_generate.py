@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import generate as G
+import run
+from checkpoint import resolve_checkpoint
 from errors import UsageError
 from generate import decode, generate, load_model, prefill
-from planner import make_cache, plan_cache
+from planner import default_prefill_chunk, make_cache, plan_cache
 from tests.test_offload import tiny_model
 
 
@@ -30,7 +32,7 @@ def test_stats_count_only_timed_steps(n, monkeypatch):
     """`--max-new-tokens 3` once reported 7659 tok/s and 4 twice the real rate: the rate counted a step
     that ran before its clock started. Here every step is one second, so every rate must be 1.0."""
     model = ClockedModel(tiny_model(4, 2))
-    monkeypatch.setattr(G, "perf_counter", lambda: model.now)
+    monkeypatch.setattr(run, "perf_counter", lambda: model.now)
     stats = {}
     ids = generate(model, list(range(20)), n, offload="head", prefill_chunk=8, stats=stats)
     assert len(ids) == n
@@ -89,7 +91,7 @@ def test_long_prefill_shows_progress(monkeypatch, capsys):
 
 def test_the_cpu_prefill_chunk_is_small_enough_to_show_progress():
     """On the CPU a chunk of a few hundred tokens takes seconds; the CUDA default (8192) would take minutes."""
-    assert G.default_prefill_chunk("cpu") <= 1024 < G.default_prefill_chunk("cuda")
+    assert default_prefill_chunk("cpu") <= 1024 < default_prefill_chunk("cuda")
 
 
 def test_ctrl_c_in_the_callers_code_frees_the_cache():
@@ -131,11 +133,11 @@ def test_hf_dir_and_gguf_are_converted_once_into_the_cache(tmp_path, monkeypatch
         assert model.args.dim == TINY["hidden_size"] and tokenizer is None
         load_model(str(source))  # the second time it loads the converted copy
         assert "converting" not in capsys.readouterr().err
-    hf_copy = G.resolve_checkpoint(tmp_path / "hf")
+    hf_copy = resolve_checkpoint(tmp_path / "hf")
     assert hf_copy.parent == tmp_path / "cache"
     # A source changed in place is converted again, into a new copy.
     shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "hf" / "extra.json")
-    assert G.resolve_checkpoint(tmp_path / "hf") != hf_copy
+    assert resolve_checkpoint(tmp_path / "hf") != hf_copy
 
 
 def test_a_file_that_is_not_a_model_says_what_it_is(tmp_path):

@@ -8,13 +8,15 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import attention
 import generate as G
 import offload
 import planner
+from attention import merge, shared_attention
 from errors import UsageError
 from generate import decode_many, generate, generate_many, prefill, prefill_questions
 from model import ModelArgs, Transformer
-from offload import StandardCache, merge, shared_attention
+from offload import StandardCache
 from planner import GiB, make_cache, plan_memory
 from shared_prefix import SharedPrefixCache
 from tests.test_cli_errors import run_in_process
@@ -166,20 +168,20 @@ def test_ctrl_c_keeps_the_answers_so_far_and_frees_the_caches():
 
 # --- the attention pieces -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attend", [shared_attention, offload._shared_attention], ids=["per-kv-head", "one-call"])
+@pytest.mark.parametrize("attend", [shared_attention, attention._shared_attention], ids=["per-kv-head", "one-call"])
 def test_shared_attention_and_merge_equal_one_softmax_over_both_parts(attend, monkeypatch):
     """Prefix part + own part, merged, equal SDPA over both: with several key blocks (a tiny block
     size), GQA, B sequences; per KV head as on the CPU, and in one call as on CUDA."""
-    monkeypatch.setattr(offload, "SHARED_BLOCK_BYTES", 4096)  # blocks of 256 keys (1000 take four), 2-4 queries
+    monkeypatch.setattr(attention, "SHARED_BLOCK_BYTES", 4096)  # blocks of 256 keys (1000 take four), 2-4 queries
     blocks = []
-    over_key_blocks = offload._over_key_blocks
+    over_key_blocks = attention._over_key_blocks
 
     def recorded(rows, k, v, keys, *variant):
         blocks.append((rows.shape[2], keys))
         assert 4 * rows.shape[:3].numel() * min(keys, k.shape[2]) <= 4096  # fp32 scores in bounds
         return over_key_blocks(rows, k, v, keys, *variant)
 
-    monkeypatch.setattr(offload, "_over_key_blocks", recorded)
+    monkeypatch.setattr(attention, "_over_key_blocks", recorded)
     g = torch.Generator().manual_seed(0)
     B, Hq, Hk, T, S, R, D = 3, 6, 2, 2, 1000, 5, 8
     q = torch.randn(B, Hq, T, D, generator=g)
@@ -193,7 +195,7 @@ def test_shared_attention_and_merge_equal_one_softmax_over_both_parts(attend, mo
     # fp32 sums over 1005 keys in another order: differences of a few ulps of outputs near 1
     torch.testing.assert_close(merged, F.scaled_dot_product_attention(q, keys, values), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse, (q @ keys.mT * D ** -0.5).logsumexp(-1), atol=1e-5, rtol=1e-6)
-    assert len(blocks) > 1 and all(keys == offload.MIN_BLOCK_KEYS for _, keys in blocks)  # queries were sliced
+    assert len(blocks) > 1 and all(keys == attention.MIN_BLOCK_KEYS for _, keys in blocks)  # queries were sliced
 
 
 def test_keep_moves_rows_down_in_place():

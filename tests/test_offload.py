@@ -1,7 +1,7 @@
 """Every offload policy gives the standard cache's logits and greedy tokens on CPU, bit for bit.
 
 Bit for bit because on the CPU every policy makes the same attention calls (one per KV head,
-offload.attention) on the same values: only the memory they sit in differs. So each comparison runs
+attention.attention) on the same values: only the memory they sit in differs. So each comparison runs
 the reference and the policy with the same chunking, and asserts torch.equal. Different chunkings
 are different computations; where a test compares those, its tolerance says why.
 """
@@ -257,6 +257,6 @@ def test_prefill_mask_is_lengths_only():
     the same bottom-right mask without the storage."""
     from torch.nn.attention.bias import causal_lower_right
 
-    from offload import _lower_right
+    from attention import _lower_right
     assert _lower_right(8192, 1 << 20).untyped_storage().nbytes() < 1024
     assert torch.equal(_lower_right(5, 9)._materialize(), causal_lower_right(5, 9)._materialize())

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import generate as G
+from checkpoint import default_checkpoint
 from convert_checkpoint import convert
 from errors import UsageError
 from model import ModelArgs, Transformer
@@ -83,7 +84,7 @@ def chat_ckpt(tmp_path_factory):
     """For the CLI: the default model's tokenizer, tied embeddings, heads that 2 ranks divide."""
     args = ModelArgs(dim=48, n_layer=2, n_head=8, n_kv_head=4, head_dim=8, intermediate_size=96, vocab_size=49152,
                      max_seq_len=256, rope_base=10000.0, tie_word_embeddings=True)
-    return write_checkpoint(tmp_path_factory.mktemp("tp") / "chat", args, G.default_checkpoint())
+    return write_checkpoint(tmp_path_factory.mktemp("tp") / "chat", args, default_checkpoint())
 
 
 def torchrun(n: int, *argv, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -137,7 +138,7 @@ def test_logits_are_one_process_logits_to_fp32_rounding(ranks, alone, policy, ch
 
 @pytest.mark.parametrize("chunk", W.CHUNKS)
 def test_the_policies_agree_bit_for_bit_in_a_group_as_in_one_process(ranks, chunk):
-    # Each rank's caches do its heads' attention in the same calls (offload.attention), so the
+    # Each rank's caches do its heads' attention in the same calls (attention.attention), so the
     # all-reduces receive equal partial sums whatever the policy.
     none = ranks[0][f"logits none {chunk}"]
     for policy in ("layer", "head"):

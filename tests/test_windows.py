@@ -11,7 +11,7 @@ import torch
 from errors import UsageError
 from generate import generate, generate_many, prefill
 from model import ModelArgs, Transformer
-from offload import _written_out, attention
+from attention import _written_out, attention
 from planner import make_cache, plan_memory
 from tests.test_offload import logits_of
 
@@ -223,9 +223,9 @@ def test_questions_decoded_together_answer_as_each_alone(policy, variant):
 def test_written_out_attention_bounds_its_blocks_and_equals_the_reference(monkeypatch):
     """Soft-capped attention over several key blocks and query slices (tiny blocks), with rows that
     see no key of a block (the window, the causal mask): the reference's result."""
-    import offload
+    import attention as kernels
 
-    monkeypatch.setattr(offload, "SHARED_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(kernels, "SHARED_BLOCK_BYTES", 4096)
     g = torch.Generator().manual_seed(3)
     B, Hq, Hk, T, S, D = 2, 4, 2, 40, 600, 8
     q = torch.randn(B, Hq, T, D, generator=g)

