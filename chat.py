@@ -4,6 +4,9 @@ tokens, nothing is prefilled twice.
 A Conversation holds the token ids of everything said so far (an opening document, the turns, the
 answers); the cache always holds a prefix of them, so a turn prefills only what the cache lacks.
 The CLI's session (`generate.py -i`, one user turn per stdin line) is generate.interactive.
+
+In a chat, a message carries no trailing whitespace: a prompt file ends with a newline by
+convention, and that newline is not part of what the user says.
 """
 from errors import UsageError
 
@@ -15,9 +18,9 @@ QUESTION, ANSWER = "\x00question\x00", "\x00answer\x00"
 def turn_parts(tokenizer, chat: bool, opening: str = "") -> tuple[str, str, str, str]:
     """(before, after) the first question, and (before, after) every later one. The opening (a
     document) leads the first user message, followed by a blank line and the question."""
-    lead = f"{opening}\n\n" if opening else ""
     if not chat:  # plain text: the opening, then each question on a new line after the previous answer
-        return lead, "", "\n", ""
+        return f"{opening}\n\n" if opening else "", "", "\n", ""
+    lead = f"{opening.rstrip()}\n\n" if opening else ""
     first = tokenizer.apply_chat_template([{"role": "user", "content": lead + QUESTION}])
     later = tokenizer.apply_chat_template([{"role": "user", "content": "-"}, {"role": "assistant", "content": ANSWER},
                                            {"role": "user", "content": QUESTION}])
@@ -31,7 +34,7 @@ def turn_parts(tokenizer, chat: bool, opening: str = "") -> tuple[str, str, str,
 def prompt_text(tokenizer, chat: bool, question: str, opening: str = "") -> str:
     """The text of a one-turn prompt: the same as a conversation's first turn, in one piece."""
     head, tail, _, _ = turn_parts(tokenizer, chat, opening)
-    return head + question + tail
+    return head + (question.rstrip() if chat else question) + tail
 
 
 class Conversation:
@@ -39,7 +42,7 @@ class Conversation:
     a cache holding a prefix of them stays valid from turn to turn."""
 
     def __init__(self, tokenizer, chat: bool, opening: str = ""):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.chat = tokenizer, chat
         opening_text, self.first_tail, self.next_head, self.next_tail = turn_parts(tokenizer, chat, opening)
         self.ids = tokenizer.encode(opening_text) if opening_text else []  # the opening (BOS included)
         self.opening, self.turns = len(self.ids), 0
@@ -47,6 +50,7 @@ class Conversation:
     def ask(self, question: str) -> list[int]:
         """Append a user turn, up to where the answer starts; returns its ids."""
         head, tail = ("", self.first_tail) if self.turns == 0 else (self.next_head, self.next_tail)
+        question = question.rstrip() if self.chat else question
         new = self.tokenizer.encode(head + question + tail, bos=None if not self.ids else False)
         self.ids += new
         self.turns += 1

@@ -67,6 +67,20 @@ def test_turn_by_turn_ids_render_the_templates_conversation(tiny_ckpt):
     assert tok.decode(conv.ids, skip_special=False) == expected[:expected.index("First question?")]
 
 
+@pytest.mark.default_model
+def test_a_chat_message_carries_no_trailing_newline_but_plain_text_does(tiny_ckpt):
+    """A prompt file ends with a newline by convention; in the chat template it would be part of what the
+    user says. A file's text and the same text given with --prompt (no newline) are the same ids."""
+    _, tok = G.load_model(tiny_ckpt)
+    ids = lambda *a, **kw: tok.encode(prompt_text(tok, *a, **kw))  # noqa: E731
+    assert ids(True, "Where?\n") == ids(True, "Where?") != ids(True, "Where?\n\n", opening="A document.")
+    assert ids(True, "Where?", opening="A document.\n") == ids(True, "Where?", opening="A document.")
+    assert ids(False, "Where?\n") != ids(False, "Where?")  # plain text continues as written
+    conv = Conversation(tok, chat=True, opening="A document.\n")
+    conv.ask("Where?\n")
+    assert tok.decode(conv.ids, skip_special=False) == prompt_text(tok, True, "Where?", opening="A document.")
+
+
 # --- the CLI session -----------------------------------------------------------------------------
 
 def chat(tiny_ckpt, capsys, monkeypatch, lines, *flags):

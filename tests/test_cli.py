@@ -50,6 +50,18 @@ def test_prompt_file_dash_reads_stdin(monkeypatch, capsys):
     assert r.returncode == 1 and r.stderr.strip().endswith("stdin is not UTF-8 text (see --prompt-file)")
 
 
+def test_a_prompt_files_trailing_newline_is_not_part_of_the_chat_turn(tmp_path, monkeypatch, capsys):
+    """`echo QUESTION | generate.py --prompt-file -` once answered in French: the newline that ends the
+    file went into the chat turn (38 prompt tokens instead of 37)."""
+    by_flag, _ = run_json(["--prompt", QUESTION, "--max-new-tokens", "8"], capsys)
+    (tmp_path / "q.txt").write_text(QUESTION + "\n")
+    by_file, _ = run_json(["--prompt-file", str(tmp_path / "q.txt"), "--max-new-tokens", "8"], capsys)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"{QUESTION}\n\n".encode())))
+    by_stdin, _ = run_json(["--prompt-file", "-", "--max-new-tokens", "8"], capsys)
+    assert by_file["prompt_tokens"] == by_stdin["prompt_tokens"] == by_flag["prompt_tokens"]
+    assert by_file["new_tokens"] == by_stdin["new_tokens"] == by_flag["new_tokens"] and "Paris" in by_stdin["text"]
+
+
 def test_an_hf_model_dir_runs_directly_converted_once(tmp_path, monkeypatch, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
     monkeypatch.setenv("HEADINFER_CACHE", str(tmp_path / "cache"))
