@@ -1,6 +1,6 @@
 """Convert a Hugging Face checkpoint (local dir or hub repo id) or a GGUF file into our
 checkpoint dir: config.json (the ModelArgs fields), model.safetensors (our tensor names, q/k rows in
-HF's rotate-half RoPE layout) and the tokenizer files. See CHECKPOINT_FORMAT.md.
+HF's rotate-half RoPE layout) and the tokenizer files. See docs/checkpoint-format.md.
 
     python convert_checkpoint.py meta-llama/Llama-3.1-8B-Instruct --out checkpoints/llama3.1-8b
 """

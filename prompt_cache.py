@@ -4,7 +4,7 @@
     logits = prefill(model, cache, ids[reused:])                      # only the rest is computed
     save_prompt_cache(cache, "book.kv", model, ids)                   # the prompt's KV, for next time
 
-The file is safetensors (PROMPT_CACHE_FORMAT.md): the prompt's token ids, and per layer its K and V
+The file is safetensors (docs/prompt-cache-format.md): the prompt's token ids, and per layer its K and V
 token-major, [tokens, 2, n_kv_head, head_dim], so that the KV of a prefix is one contiguous range of
 each layer. Its metadata names the model (a fingerprint of config and weights), the dtype, and a
 CRC-32 per block of rows: a file that is foreign, truncated or corrupt is refused before a row of it

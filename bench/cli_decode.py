@@ -1,4 +1,4 @@
-"""Decode speed of the embedded model through the CLI, one run per row (the README's CPU table).
+"""Decode speed of the embedded model through the CLI, one run per row (the CPU table of docs/benchmarks.md).
 
     python bench/cli_decode.py            # writes bench/results/cli-decode-<device>.json
 

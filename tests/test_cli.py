@@ -1,4 +1,5 @@
-"""What a newcomer meets first: chat by default, stdin, any checkpoint kind, --help, the README's example."""
+"""What a newcomer meets first: chat by default, stdin, any checkpoint kind, --help, the README's example
+and those of docs/python.md."""
 import io
 import json
 import re
@@ -94,9 +95,9 @@ def test_the_readme_python_examples_run_and_print_clean_text(capsys, tmp_path, m
     prompt cache: run twice, the second run loads all but the last prompt token; the last two answer
     questions together."""
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Python"):readme.index("## Layout")]
-    examples = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(examples) == 5
+    [example] = re.findall(r"```python\n(.*?)```", readme, re.S)
+    examples = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "python.md").read_text(), re.S)
+    assert len(examples) == 5 and examples[0] == example  # the README's, then the pieces in docs/python.md
     monkeypatch.chdir(tmp_path)  # book.kv is written here
     namespace = {}
     for example in examples[:2]:

@@ -1,4 +1,4 @@
-"""The README is the contract users read: it must match the code and the recorded measurements."""
+"""The README and docs/ are the contract users read: they must match the code and the recorded measurements."""
 import json
 import re
 import subprocess
@@ -8,6 +8,7 @@ from cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
 
 
 def test_readme_starts_with_the_two_commands_and_says_how_long_the_tests_take():
@@ -16,18 +17,20 @@ def test_readme_starts_with_the_two_commands_and_says_how_long_the_tests_take():
     assert re.search(r"`make test` takes about \d+ minutes", README)
 
 
-def test_readme_cli_table_lists_every_flag():
-    table = README[README.index("## CLI"):README.index("### Python")]
+def test_the_cli_table_lists_every_flag():
+    cli = (DOCS / "cli.md").read_text()
+    table = cli[cli.index("| flag |"):cli.index("The `--json` object")]
     for action in build_parser()._actions:
         for flag in action.option_strings:
             if flag not in ("-h", "--help"):
                 assert f"`{flag}" in table, flag
 
 
-def test_readme_cpu_table_names_the_machine_and_matches_the_recorded_runs():
+def test_the_cpu_table_names_the_machine_and_matches_the_recorded_runs():
     """Absolute CPU speeds vary 2-3x between machines: a number without its machine and date misleads."""
     recorded = json.loads((ROOT / "bench" / "results" / "cli-decode-cpu.json").read_text())
-    section = README[README.index("## Measured so far"):README.index("## Status")]
+    measured = (DOCS / "benchmarks.md").read_text()
+    section = measured[measured.index("## Measured so far"):]
     cpu_name = recorded["cpu"].split(" (")[0]
     assert cpu_name in section and f"{recorded['threads']} threads" in section
     assert recorded["date"][:10] in section
@@ -35,6 +38,17 @@ def test_readme_cpu_table_names_the_machine_and_matches_the_recorded_runs():
         assert f"| {row['decode_tok_s']:.1f} |" in section, row["name"]
     for value in recorded["ratios"].values():
         assert f"| {value:.2f} |" in section
+
+
+def test_every_relative_link_of_the_readme_and_docs_leads_to_a_file():
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    assert {p.name for p in pages} >= {"cli.md", "python.md", "failures.md", "checkpoint-format.md"}
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name}: {target}"
+    linked = set(re.findall(r"\]\(docs/([^)]+)\)", README))
+    assert linked == {p.name for p in DOCS.glob("*.md")}  # every page is reachable from the README
 
 
 def test_no_project_file_points_outside_the_repository():
