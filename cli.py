@@ -16,7 +16,7 @@ import torch
 
 import errors
 import tensor_parallel
-from errors import UsageError
+from errors import UsageError, end_answer_line, say, write_answer
 from planner import CPU_PREFILL_CHUNK, DEFAULT_PREFILL_CHUNK, POLICIES, fmt_bytes
 from prompt_cache import check_prompt_cache_path
 
@@ -103,7 +103,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="of the weights, activations and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object with the text, ids and stats as the last stdout line (default: off)")
+                   help="print, instead of the streamed text, one JSON object per answer (the text, ids and stats) "
+                        "as the only output on stdout; notes and the stats line stay on stderr (default: off)")
     return p
 
 
@@ -123,8 +124,22 @@ def check_flags(opts):
     if opts.prompt is not None and not opts.prompt.strip():
         raise UsageError("the prompt is empty", ("prompt",))
     if opts.prompt_cache is not None:
+        check_prompt_cache_is_its_own(opts)
         check_prompt_cache_path(opts.prompt_cache, opts.prompt_cache_ro)
     check_questions_flags(opts)
+
+
+def check_prompt_cache_is_its_own(opts):
+    """--prompt-cache names no file the run reads (the prompt file, the questions file, the checkpoint
+    or a file in its dir): the prompt's KV is saved there after the answer, replacing what was there."""
+    cache = opts.prompt_cache.resolve()
+    for flag, given in (("--prompt-file", opts.prompt_file), ("--questions-file", opts.questions_file),
+                        ("--checkpoint", opts.checkpoint)):
+        path = Path(given).resolve() if given is not None and str(given) != "-" else None
+        if path == cache or (path is not None and path.is_dir() and cache.is_relative_to(path) and cache.exists()):
+            what = f"the file of {flag}" if path == cache else f"a file of {flag} {given}"
+            raise UsageError(f"the prompt cache {opts.prompt_cache} is {what}, which it would replace; give the "
+                             f"prompt cache a file name of its own", ("prompt_cache",))
 
 
 def check_questions_flags(opts):
@@ -142,6 +157,30 @@ def check_questions_flags(opts):
         raise UsageError("--prompt-file and --questions-file cannot both read stdin", ("questions_file",))
 
 
+def check_context(opts, args, n_tokens: int):
+    """A prompt the model's context cannot hold, refused in the CLI's terms: where its text came from,
+    the limit, the model and what to do (generate() would refuse it in the Python API's)."""
+    if n_tokens >= args.max_seq_len:
+        model = opts.checkpoint or "the embedded SmolLM2-135M-Instruct"
+        raise UsageError(f"{prompt_source(opts)} has {n_tokens} tokens, but {model} has a context of "
+                         f"{args.max_seq_len} tokens (its max_seq_len) for the prompt and the answer together: "
+                         f"shorten the text, or use a checkpoint with a longer context", ("checkpoint",))
+
+
+def prompt_source(opts) -> str:
+    """Where the prompt's text came from, for a message about it."""
+    file = None if opts.prompt_file is None else f"the prompt file {opts.prompt_file}"
+    if str(opts.prompt_file) == "-":
+        file = "stdin (--prompt-file -)"
+    if opts.questions_file is not None:
+        return " with ".join(filter(None, [file, "the longest question of --questions-file"]))
+    if file is None:
+        return "the prompt of --prompt" if opts.prompt is not None else "the default prompt"
+    if opts.interactive:
+        return f"the opening, {file},"
+    return f"{file} with the question of --prompt" if opts.prompt is not None else file
+
+
 def join_tensor_parallel(opts, device: torch.device) -> tensor_parallel.TensorParallel:
     """Under torchrun: this process becomes one rank of the group, and only rank 0 prints (the others'
     failures are still said once, by fail())."""
@@ -156,13 +195,15 @@ def join_tensor_parallel(opts, device: torch.device) -> tensor_parallel.TensorPa
     return tp
 
 
-def dtype_and_policy(opts, device: torch.device) -> tuple[torch.dtype, str]:
-    """--dtype and --offload, or the device's defaults; a note when the CPU runs an offload policy."""
+def settings(opts, device: torch.device) -> tuple[torch.dtype, str]:
+    """--dtype and --offload, or the device's defaults; a note for each flag that changes nothing
+    here (an offload policy on the CPU has no GPU to stream to; a seed draws nothing when decoding greedily)."""
     dtype = DTYPES[opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     offload = opts.offload or ("head" if device.type == "cuda" else "none")
     if offload != "none" and device.type != "cuda":
-        print(f"note: no CUDA device; --offload {offload} runs its CPU path (same algorithm, no streams)",
-              file=sys.stderr)
+        say(f"note: no CUDA device; --offload {offload} runs its CPU path (same algorithm, no streams)")
+    if opts.seed is not None and opts.temperature == 0:
+        say("note: --seed has no effect: decoding is greedy at --temperature 0")
     return dtype, offload
 
 
@@ -176,9 +217,10 @@ def use_chat(opts, tokenizer) -> bool:
     return chat
 
 
-def read_text(path: Path, what: str, option: str, empty: str) -> str:
-    """A UTF-8 file's text (- reads stdin), or one line saying why it cannot be had."""
-    name = "stdin" if str(path) == "-" else f"{what} {path}"
+def read_text(path: Path, what: str, option: str) -> str:
+    """A UTF-8 file's text (- reads stdin), or one line saying why it cannot be had. UTF-8 allows NUL
+    bytes, but no text holds them: a file with any is binary (and would be thousands of blank tokens)."""
+    name = "stdin" if str(path) == "-" else f"the {what} {path}"
     try:
         data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
         text = data.decode("utf-8")
@@ -188,33 +230,38 @@ def read_text(path: Path, what: str, option: str, empty: str) -> str:
         raise UsageError(f"{name} is not UTF-8 text", (option,)) from None
     except OSError as e:
         raise UsageError(f"cannot read {name}: {e.strerror}", (option,)) from None
+    if "\0" in text:
+        raise UsageError(f"{name} is not text: it holds NUL bytes (at byte {data.index(0)})", (option,))
     if not text.strip():
-        raise UsageError(f"{empty} ({name} holds no text)", (option,))
+        raise UsageError(f"{name} is empty" if not text else f"{name} holds only whitespace", (option,))
     return text
 
 
 def read_prompt_file(opts) -> str | None:
-    return None if opts.prompt_file is None else read_text(opts.prompt_file, "prompt file", "prompt_file",
-                                                              "the prompt is empty")
+    return None if opts.prompt_file is None else read_text(opts.prompt_file, "prompt file", "prompt_file")
 
 
 def read_questions(opts) -> list[str] | None:
     """The questions of --questions-file: its non-blank lines."""
     if opts.questions_file is None:
         return None
-    text = read_text(opts.questions_file, "questions file", "questions_file", "there are no questions")
+    text = read_text(opts.questions_file, "questions file", "questions_file")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def read_turns(first: str | None):
     """The turns of -i: the first question (--prompt), then one per stdin line, stripped, until EOF;
-    a "> " prompt on a terminal."""
+    a "> " prompt on a terminal. Ctrl-C while waiting for a line ends nothing: it says how to end."""
     if first:
         yield first
     while True:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            say("\n(Ctrl-C stops an answer; /exit or Ctrl-D ends the session)")
+            continue
         if not line:  # EOF
             return
         yield line.strip()
@@ -231,7 +278,7 @@ class Answer:
     def add(self, token_id: int):
         self.ids.append(token_id)
         if self.show:
-            print(self.stream.add([token_id]), end="", flush=True)
+            write_answer(self.stream.add([token_id]))
 
 
 def report(opts, tokenizer, answer: Answer, stats):
@@ -239,23 +286,32 @@ def report(opts, tokenizer, answer: Answer, stats):
         return
     new_ids, text = answer.ids, tokenizer.decode(answer.ids)
     if not opts.json:
-        print(text[len(answer.stream.text):], flush=True)  # what the stream held back (a split character)
+        write_answer(text[len(answer.stream.text):])  # what the stream held back (a split character)
+        end_answer_line()
     if stats["interrupted"]:
-        print("interrupted", file=sys.stderr)
-    print(stats_line(stats, f"prompt {stats['prompt_tokens']} tokens", len(new_ids)), file=sys.stderr)
+        say("interrupted")
+    say(stats_line(stats, f"prompt {stats['prompt_tokens']} tokens", len(new_ids)))
     if opts.json:
         print(json.dumps({"text": text, "new_tokens": new_ids, **stats}), flush=True)
 
 
 def stats_line(stats, what: str, new_tokens: int, rate_of: str = "") -> str:
-    """The one-line summary on stderr: what was prefilled, how fast, and where the KV went."""
+    """The one-line summary on stderr: what was prefilled, how fast, and where the KV went (under
+    tensor parallelism, one rank's share: each holds 1/N of the heads)."""
     prefill = f"{stats['prefill_s']:.2f} s" if stats["prefill_s"] is not None else "unfinished"
     first = f", first step {stats['first_step_s']:.2f} s" if stats["first_step_s"] is not None else ""
     rate = f", then {stats['decode_tok_s']:.1f} tok/s{rate_of}" if stats["decode_tok_s"] else ""
     peak = f", peak GPU {fmt_bytes(stats['peak_gpu_mem_bytes'])}" if stats["peak_gpu_mem_bytes"] else ""
     reused = f" ({stats['reused_tokens']} reused)" if stats["reused_tokens"] else ""
-    return (f"{what}{reused}, prefill {prefill}, {new_tokens} new tokens{first}{rate}; offload={stats['offload']}, "
-            f"KV {fmt_bytes(stats['kv_bytes_gpu'])} on GPU / {fmt_bytes(stats['kv_bytes_cpu'])} in host RAM{peak}")
+    where = (f"{fmt_bytes(stats['kv_bytes_gpu'])} on GPU / {fmt_bytes(stats['kv_bytes_cpu'])} in host RAM"
+             if stats["plan"]["device"].startswith("cuda") else f"{fmt_bytes(stats['kv_bytes_cpu'])} in RAM (CPU run)")
+    ranks = f" per rank ({stats['tp_ranks']} ranks)" if stats["tp_ranks"] > 1 else ""
+    return (f"{what}{reused}, prefill {prefill}, {plural(new_tokens, 'new token')}{first}{rate}; "
+            f"offload={stats['offload']}, KV {where}{ranks}{peak}")
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def report_many(opts, tokenizer, questions: list[str], answers: list[list[int]], stats):
@@ -269,9 +325,9 @@ def report_many(opts, tokenizer, questions: list[str], answers: list[list[int]],
         for i, (question, text) in enumerate(zip(questions, texts)):
             print(f"Q{i + 1}: {question}\nA{i + 1}: {text.strip()}\n", flush=True)
     if stats["interrupted"]:
-        print("interrupted", file=sys.stderr)
-    print(stats_line(stats, f"{len(questions)} questions over a shared prefix of {stats['prefix_tokens']} tokens",
-                     sum(stats["answer_tokens"]), " over all questions"), file=sys.stderr)
+        say("interrupted")
+    say(stats_line(stats, f"{len(questions)} questions over a shared prefix of {stats['prefix_tokens']} tokens",
+                   sum(stats["answer_tokens"]), " over all questions"))
 
 
 def fail(line: str):

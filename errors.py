@@ -1,5 +1,6 @@
-"""The one exception type for problems a user can fix, shared by the Python API and both CLIs, and
-the argument parser both CLIs use to say a bad flag in one line."""
+"""What the user is told: the one exception type for problems a user can fix, shared by the Python API
+and both CLIs; the argument parser both CLIs use to say a bad flag in one line; and the two streams of
+a run, the answer on stdout and every note on stderr on a line of its own."""
 import argparse
 import sys
 
@@ -28,3 +29,32 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+# --- the answer on stdout, notes on stderr ----------------------------------------------------------
+# Under `2>&1` both streams reach one terminal or file: a note printed while a streamed answer's line
+# is still open would glue onto it ("...their namespaceprompt cache doc.kv: 1949 tokens saved").
+
+_answer_line_open = False  # the answer streamed to stdout has text after its last newline
+
+
+def write_answer(text: str):
+    """Stream a piece of the answer to stdout."""
+    global _answer_line_open
+    if text:
+        print(text, end="", flush=True)
+        _answer_line_open = not text.endswith("\n")
+
+
+def end_answer_line():
+    """End the answer's line on stdout, if it has one open."""
+    global _answer_line_open
+    if _answer_line_open:
+        print(flush=True)
+        _answer_line_open = False
+
+
+def say(line: str):
+    """One line for the user on stderr (a note, a warning, the plan, the stats), on a line of its own."""
+    end_answer_line()
+    print(line, file=sys.stderr, flush=True)

@@ -28,12 +28,12 @@ from tqdm import tqdm
 import tensor_parallel
 from chat import Conversation, prompt_text
 from checkpoint import load_model, resolve_device
-from cli import (DEFAULT_PROMPT, Answer, check_flags, dtype_and_policy, fail, join_tensor_parallel, parse_args,
-                 read_prompt_file, read_questions, read_turns, report, report_many, use_chat)
-from errors import UsageError
+from cli import (DEFAULT_PROMPT, Answer, check_context, check_flags, fail, join_tensor_parallel, parse_args,
+                 read_prompt_file, read_questions, read_turns, report, report_many, settings, use_chat)
+from errors import UsageError, say
 from model import Transformer
 from planner import default_prefill_chunk, make_cache, plan_cache
-from prompt_cache import check_prompt_cache, load_or_note, save_or_warn, up_to_date
+from prompt_cache import check_prompt_cache, load_or_note, save_or_warn
 from run import Run, check_continues, check_ctx_size, check_questions, check_request, check_room
 from shared_prefix import SharedPrefixCache, shared_length
 
@@ -187,11 +187,11 @@ def prefill_prompt(model, cache, ids, chunk: int, progress: bool, prompt_cache=N
     """Prefill what `cache` lacks of `ids` (it holds a prefix of them), after loading what it can from
     the file `prompt_cache` (prompt_cache.py; the cache is then empty before). Returns the last
     logits, the positions that were not computed, and whether to save_or_warn the file once the
-    answer is given: it does not hold ids up to their last token yet, and is not read_only."""
-    stored = load_or_note(cache, prompt_cache, model, ids, progress)[1] if prompt_cache is not None else 0
+    answer is given (prompt_cache.load_or_note decides)."""
+    save = prompt_cache is not None and load_or_note(cache, prompt_cache, model, ids, progress, read_only)
     reused = cache.length
     logits = prefill(model, cache, ids[reused:], chunk, progress)
-    return logits, reused, prompt_cache is not None and not read_only and not up_to_date(reused, stored, ids)
+    return logits, reused, save
 
 
 # --- generate, generate_many: the pieces over a planned cache, with stats and clean failures --------
@@ -233,9 +233,9 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     with Run(device, plan, chunk, stats, prompt_tokens=len(prompt_ids), reused_tokens=0) as run:
         cache = run.allocate(model.args, progress) if cache is None else cache
         if compile and progress:
-            print("compiling the decode step: its first run takes seconds to a minute", file=sys.stderr)
+            say("compiling the decode step: its first run takes seconds to a minute")
         run.phase = "prefill"
-        logits, run.fields["reused_tokens"], stale = prefill_prompt(model, cache, prompt_ids, chunk, progress,
+        logits, run.fields["reused_tokens"], save = prefill_prompt(model, cache, prompt_ids, chunk, progress,
                                                                     prompt_cache, prompt_cache_ro)
         for token in decode(model, cache, logits, max_new_tokens, temperature, top_k, generator, compile):
             new_ids.append(token)
@@ -245,7 +245,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
             if token in stop_ids:
                 break
         run.stop(cache.length)
-        if stale:
+        if save:
             run.phase = "saving"  # the answer is complete; a Ctrl-C now leaves the old file as it was
             save_or_warn(cache, prompt_cache, model, prompt_ids, progress)
     cache = None  # a cache made here is freed before a failure is raised again (its traceback holds this frame)
@@ -284,7 +284,7 @@ def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list
              reused_tokens=0, answer_tokens=counts, question_kv_bytes=None) as run:
         cache = run.allocate(model.args, progress, f"; {B} questions of up to {longest} tokens on top")
         run.phase = "prefill"
-        _, run.fields["reused_tokens"], stale = prefill_prompt(model, cache, prefix_ids, chunk, progress,
+        _, run.fields["reused_tokens"], save = prefill_prompt(model, cache, prefix_ids, chunk, progress,
                                                                prompt_cache, prompt_cache_ro)
         together = SharedPrefixCache(cache, [len(q) for q in suffixes], max_new_tokens - 1)
         run.fields["question_kv_bytes"] = together.nbytes
@@ -299,7 +299,7 @@ def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list
                     on_token(question, token)
             run.step(sum(counts))
         run.stop(sum(counts))
-        if stale:
+        if save:
             run.phase = "saving"
             save_or_warn(cache, prompt_cache, model, prefix_ids, progress)
     cache = together = steps = None  # freed before a failure is raised again, as in generate()
@@ -322,7 +322,7 @@ def main(argv=None):
     device = resolve_device(opts.device)
     tp = join_tensor_parallel(opts, device) if tensor_parallel.launched() else None
     device = device if tp is None else tp.device
-    dtype, offload = dtype_and_policy(opts, device)
+    dtype, offload = settings(opts, device)
     # Under torchrun rank 0 reads the files for all: stdin reaches one rank only.
     document, questions = tensor_parallel.from_rank0(lambda: (read_prompt_file(opts), read_questions(opts)))
     model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype, tp=tp)
@@ -336,6 +336,7 @@ def main(argv=None):
     else:
         text = prompt_text(tokenizer, chat, document if document is not None else opts.prompt or DEFAULT_PROMPT)
     prompt_ids = tensor_parallel.from_rank0(lambda: tokenizer.encode(text))  # a template may hold today's date
+    check_context(opts, model.args, len(prompt_ids))
     answer, stats, finished = Answer(tokenizer, show=not opts.json), {}, False
     try:
         generate(model, prompt_ids, opts.max_new_tokens, offload=offload, temperature=opts.temperature,
@@ -354,6 +355,7 @@ def ask_many(model, tokenizer, opts, chat: bool, offload: str, document: str, qu
     the ids they all begin with (the document, and the template around it) are the shared prefix."""
     prompts = tensor_parallel.from_rank0(
         lambda: [tokenizer.encode(prompt_text(tokenizer, chat, question, opening=document)) for question in questions])
+    check_context(opts, model.args, max(map(len, prompts)))
     n = shared_length(prompts)
     answers, stats, finished = [[] for _ in questions], {}, False
     try:
@@ -376,6 +378,7 @@ def interactive(model, tokenizer, opts, chat: bool, offload: str, opening: str, 
     ctx = opts.ctx_size or model.args.max_seq_len
     check_ctx_size(model.args, ctx)
     conv = Conversation(tokenizer, chat, opening)
+    check_context(opts, model.args, len(conv.ids))
     if len(conv.ids) >= ctx:
         raise UsageError(f"the opening has {len(conv.ids)} tokens; ctx_size is {ctx}", ("prompt_file", "ctx_size"))
     device, dtype, chunk, _ = setup(model, opts.prefill_chunk, None)
@@ -383,21 +386,20 @@ def interactive(model, tokenizer, opts, chat: bool, offload: str, opening: str, 
         plan = plan_cache(model.args, ctx, dtype, device, offload, opts.gpu_kv_budget, chunk)
     except UsageError as e:  # the session's size is the knob that fits it
         raise UsageError(str(e), e.options + ("ctx_size",)) from None
-    print(plan.describe(), file=sys.stderr)
+    say(plan.describe())
     cache = make_cache(plan, model.args)
     if conv.ids:
-        _, reused, stale = prefill_prompt(model, cache, conv.ids, chunk, True, opts.prompt_cache, opts.prompt_cache_ro)
-        if stale:
+        _, reused, save = prefill_prompt(model, cache, conv.ids, chunk, True, opts.prompt_cache, opts.prompt_cache_ro)
+        if save:
             save_or_warn(cache, opts.prompt_cache, model, conv.ids, True)
-        print(f"opening: {len(conv.ids)} tokens ({reused} from the prompt cache); ask away (/reset, /exit)",
-              file=sys.stderr)
+        say(f"opening: {len(conv.ids)} tokens ({reused} from the prompt cache); ask away (/reset, /exit)")
     for question in read_turns(first_question):
         if question == "/exit":
             return
         if question == "/reset":
             conv.reset()
             cache.truncate(min(cache.length, len(conv.ids)))
-            print("(conversation cleared; the opening is kept)", file=sys.stderr)
+            say("(conversation cleared; the opening is kept)")
         elif question:
             chat_turn(model, tokenizer, opts, conv, cache, ctx, chunk, question)
 
@@ -408,8 +410,8 @@ def chat_turn(model, tokenizer, opts, conv: Conversation, cache, ctx: int, chunk
     conv.ask(question)
     if len(conv.ids) >= ctx:
         conv.rewind(length, turns)
-        print(f"error: this turn would take the conversation past ctx_size {ctx} tokens; /reset starts over "
-              f"(see --ctx-size)", file=sys.stderr)
+        say(f"error: this turn would take the conversation past ctx_size {ctx} tokens; /reset starts over "
+            f"(see --ctx-size)")
         return
     answer, stats = Answer(tokenizer, show=not opts.json), {}
     try:
@@ -419,7 +421,7 @@ def chat_turn(model, tokenizer, opts, conv: Conversation, cache, ctx: int, chunk
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
         pass
     except UsageError as e:  # out of GPU memory: this turn fails, the conversation so far stands
-        print(f"error: {e.with_flags()}", file=sys.stderr)
+        say(f"error: {e.with_flags()}")
     report(opts, tokenizer, answer, stats)
     if stats.get("prefill_s") is None:  # stopped before the answer began: the question is dropped
         conv.rewind(length, turns)

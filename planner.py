@@ -8,14 +8,14 @@
 cannot fit. A long run pins most of the host's RAM and may take an hour, so it checks first.
 """
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from errors import UsageError
 from model import ModelArgs
 from offload import HeadOffloadCache, KVCache, LayerOffloadCache, StandardCache
-from tensor_parallel import agree, local_ranks
+from tensor_parallel import agree, local_ranks, ranks
 
 POLICIES = ("none", "layer", "head")
 GiB = 1 << 30
@@ -50,6 +50,7 @@ class Plan:
     resident_bytes: int       # the resident slots (every slot for `none`)
     buffer_bytes: int         # the two ping-pong buffers of one group
     window_bytes: int         # the sliding-window layers' rings, on the compute device: fixed by the window
+    ranks: int = 1            # tensor-parallel ranks: each holds such a plan for its 1/ranks of the KV heads
 
     @property
     def on_gpu(self) -> bool:
@@ -73,15 +74,21 @@ class Plan:
 
     def describe(self) -> str:
         g = fmt_bytes  # short: five sizes in one sentence
-        where, note = (f"GPU memory ({self.device})", "") if self.on_gpu else ("host RAM", "a CPU run; ")
+        n = self.ranks
+        plan = f"plan per rank ({n} ranks, each with 1/{n} of the heads)" if n > 1 else "plan"
         windows = f", sliding windows {g(self.window_bytes)}" if self.window_bytes else ""
+        layout = (f"{self.resident_slots}/{self.total_slots} head slots resident, groups of {self.group_size} KV "
+                  f"heads, buffers {g(self.buffer_bytes)}{windows}")
         if self.policy == "none":
-            return f"plan: standard cache, {g(self.kv_bytes)} of KV in {where} for {self.max_len} tokens{windows}"
-        return (f"plan: {self.policy} offload, {self.max_len} tokens, KV {g(self.kv_bytes)}: "
-                f"{g(self.store_bytes)} streamed from {'pinned ' if self.on_gpu else ''}host RAM, "
-                f"{g(self.on_device_bytes)} in {where} ({note}{self.resident_slots}/"
-                f"{self.total_slots} head slots resident, groups of {self.group_size} KV heads, "
-                f"buffers {g(self.buffer_bytes)}{windows})")
+            where = f"GPU memory ({self.device})" if self.on_gpu else "host RAM"
+            return f"{plan}: standard cache, {g(self.kv_bytes)} of KV in {where} for {self.max_len} tokens{windows}"
+        if not self.on_gpu:  # nothing streams: the CPU computes where the KV lives
+            return (f"{plan}: {self.policy} offload on the CPU (the same algorithm; nothing streams), {self.max_len} "
+                    f"tokens, KV {g(self.kv_bytes)} in host RAM: {g(self.store_bytes)} as the store, "
+                    f"{g(self.on_device_bytes)} in resident slots and buffers ({layout})")
+        return (f"{plan}: {self.policy} offload, {self.max_len} tokens, KV {g(self.kv_bytes)}: "
+                f"{g(self.store_bytes)} streamed from pinned host RAM, {g(self.on_device_bytes)} in GPU memory "
+                f"({self.device}; {layout})")
 
 
 def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, device="cuda", batch: int = 1,
@@ -263,8 +270,9 @@ def _plan_cache(args, max_len, dtype, device, policy, gpu_kv_budget, prefill_chu
         if host is not None:
             _check_questions(questions, own, own, host, "host RAM")
             host -= own
-    return plan_memory(args, max_len, dtype, policy, device, batch, gpu_budget=budget, host_available=host,
+    plan = plan_memory(args, max_len, dtype, policy, device, batch, gpu_budget=budget, host_available=host,
                        **overrides)
+    return replace(plan, ranks=ranks())
 
 
 def _check_questions(questions, own: int, need: int, free: int, where: str):

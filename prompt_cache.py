@@ -10,6 +10,10 @@ each layer. Its metadata names the model (a fingerprint of config and weights), 
 CRC-32 per block of rows: a file that is foreign, truncated or corrupt is refused before a row of it
 can change an answer. Loading streams a block of rows at a time into the cache's own memory; saving
 writes to a temporary file that replaces FILE only once it is complete.
+
+A path is the user's: nothing is ever written over but an empty file or a prompt cache of this model,
+dtype and format version (whose data may be truncated or corrupt). A text, another safetensors file
+or another model's cache is refused before any work (check_prompt_cache_path) and, in a run, kept.
 """
 import hashlib
 import json
@@ -26,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 import tensor_parallel
-from errors import UsageError
+from errors import UsageError, end_answer_line, say
 from planner import fmt_bytes
 
 FORMAT, VERSION = "headinfer-prompt-cache", "1"
@@ -34,11 +38,18 @@ BLOCK_BYTES = 8 << 20   # rows per read, write and checksum: large sequential I/
 SAMPLES = 4096          # weight values per tensor in the model fingerprint
 PROGRESS_DELAY_S = 2.0  # load and save show a progress bar once they have taken this long
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
 
 
 class UnusablePromptCache(Exception):
-    """The file cannot be used for this run (another model or dtype, another format, truncated,
-    corrupt); the message says why. The cache is left as it was."""
+    """The file cannot be used for this run; the message says why. The cache is left as it was, and so
+    is the file: another model's, dtype's or format version's cache (or a file that is not a prompt
+    cache) is never written over."""
+
+
+class DamagedPromptCache(UnusablePromptCache):
+    """A prompt cache of ours that is empty, truncated or corrupt: none of it is used, and saving the
+    prompt's KV may replace it."""
 
 
 def fingerprint(model) -> str:
@@ -64,11 +75,34 @@ def _crc(t: torch.Tensor) -> str:
     return f"{zlib.crc32(t.contiguous().view(torch.uint8).numpy()):08x}"
 
 
+def _header(path: Path) -> dict | None:
+    """The `__metadata__` of a file that begins as a safetensors file does ({} without any), read from
+    its header alone (so also when its data is truncated); None for any other file. Safetensors
+    begins with the header's length (8 bytes, little-endian), then the header, JSON."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= MAX_HEADER_BYTES else None
+    except (OSError, ValueError):  # ValueError: not JSON, not UTF-8
+        return None
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def _is_ours(meta: dict | None) -> bool:
+    return meta is not None and meta.get("format") == FORMAT
+
+
 def check_prompt_cache_path(path, read_only: bool = False):
-    """Refuse, before a long run, a path that could never be read or written as a prompt cache."""
+    """Refuse, before a long run, a path that could never be read or written as a prompt cache, or
+    whose file is not one (a text, a checkpoint, another safetensors file: the user's data)."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"the prompt cache {path} is a directory; give a file name", ("prompt_cache",))
+    if path.is_file() and path.stat().st_size and not _is_ours(meta := _header(path)):
+        what = "a safetensors file of other tensors" if meta is not None else "not a safetensors file"
+        raise UsageError(f"the prompt cache {path} exists and is not a prompt cache ({what}); it is left as it "
+                         f"was: give the prompt cache a new file name", ("prompt_cache",))
     if not read_only and not path.parent.is_dir():
         raise UsageError(f"the prompt cache {path} cannot be written: {path.parent} is not a directory",
                          ("prompt_cache",))
@@ -97,7 +131,8 @@ def load_prompt_cache(cache, path, model, ids, progress: bool = False) -> tuple[
 
     Returns (reused, stored): the positions now in the cache, and the tokens the file holds (0, 0
     when there is no file). Raises UnusablePromptCache, with the cache empty again, when the file is
-    another model's or dtype's, of another format version, truncated or corrupt.
+    not a prompt cache, or another model's, dtype's or format version's; DamagedPromptCache when it
+    is empty, truncated or corrupt.
     """
     if cache.length:
         raise ValueError(f"load_prompt_cache needs an empty cache; this one holds {cache.length} positions")
@@ -107,28 +142,30 @@ def load_prompt_cache(cache, path, model, ids, progress: bool = False) -> tuple[
     if not path.exists():
         return 0, 0
     try:
+        crcs = _check_header(path, model, cache.dtype)
         with safe_open(path, framework="pt", device="cpu") as f:
-            crcs = _check_header(f, model, cache.dtype)
             tokens = f.get_tensor("tokens")
             if crcs["tokens"] != [_crc(tokens)]:
-                raise UnusablePromptCache("it is corrupt (the checksum of its token ids does not match)")
+                raise DamagedPromptCache("it is corrupt (the checksum of its token ids does not match)")
             reused = min(_common_prefix(tokens, ids), len(ids) - 1)
             _load_rows(f, cache, crcs, reused, progress)
     except (SafetensorError, OSError) as e:
         cache.truncate(0)
-        raise UnusablePromptCache(f"it cannot be read as a prompt cache ({e}); it is truncated or not a "
-                                  f"prompt cache") from None
+        raise DamagedPromptCache(f"it cannot be read ({e}): it is truncated or damaged") from None
     except UnusablePromptCache:
         cache.truncate(0)
         raise
     return reused, tokens.numel()
 
 
-def _check_header(f, model, dtype) -> dict:
+def _check_header(path: Path, model, dtype) -> dict:
     """The per-block checksums, once the file is known to be ours, this version, this dtype and model."""
-    meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise UnusablePromptCache("it is a safetensors file but not a prompt cache")
+    if path.stat().st_size == 0:
+        raise DamagedPromptCache("it is empty")
+    meta = _header(path)
+    if not _is_ours(meta):
+        other = " (a safetensors file of other tensors)" if meta is not None else ""
+        raise UnusablePromptCache(f"it is not a prompt cache{other}")
     if meta.get("version") != VERSION:
         raise UnusablePromptCache(f"it has format version {meta.get('version')}; this version reads {VERSION}")
     if meta.get("dtype") != str(dtype).removeprefix("torch."):
@@ -137,10 +174,11 @@ def _check_header(f, model, dtype) -> dict:
     if meta.get("model") != fingerprint(model):
         raise UnusablePromptCache("it was written by another model (its config or weights differ)")
     try:
-        crcs = json.loads(meta["crc32"])
-        block = int(meta["block_tokens"])
-    except (KeyError, ValueError):
-        raise UnusablePromptCache("its header is corrupt") from None
+        crcs, block = json.loads(meta["crc32"]), int(meta["block_tokens"])
+    except (KeyError, ValueError, TypeError):
+        crcs = block = None
+    if not isinstance(crcs, dict) or "tokens" not in crcs:
+        raise DamagedPromptCache("its header is corrupt")
     if block != _block_tokens(model.args, dtype):
         raise UnusablePromptCache(f"its rows are checksummed in blocks of {block} tokens, not "
                                   f"{_block_tokens(model.args, dtype)}")
@@ -164,14 +202,14 @@ def _load_rows(f, cache, crcs: dict, reused: int, progress: bool):
                 name = f"layers.{layer}"
                 rows = f.get_slice(name)[start:start + block]  # the whole block: its checksum covers it
                 if i >= len(crcs.get(name, [])) or _crc(rows) != crcs[name][i]:
-                    raise UnusablePromptCache(f"it is corrupt (the checksum of {name}, tokens {start}-"
+                    raise DamagedPromptCache(f"it is corrupt (the checksum of {name}, tokens {start}-"
                                               f"{start + len(rows)}, does not match)")
                 rows = rows[:reused - start].permute(1, 2, 0, 3)[:, None]  # [2, B=1, n_kv, T, D]
                 cache.write(layer, start, rows[0], rows[1])
             bar.update(min(block, reused - start))
 
 
-def up_to_date(reused: int, stored: int, ids) -> bool:
+def _up_to_date(reused: int, stored: int, ids) -> bool:
     """After load_prompt_cache returned (reused, stored): the file holds `ids` up to their last token
     (which a load never takes), so writing `ids` again would not let a later run reuse more of them."""
     return (reused, stored) == (len(ids) - 1, len(ids))
@@ -184,13 +222,15 @@ def save_prompt_cache(cache, path, model, ids, progress: bool = False) -> int:
 
     The file is written next to `path` under a temporary name and renamed over it once complete and
     synced, so an interrupted or failed save leaves `path` as it was. Raises UsageError (nothing
-    written) when the disk has too little space or the write fails.
+    written) when the disk has too little space, the write fails, or `path` holds anything but an
+    empty file or a prompt cache of this model, dtype and format version (damaged or not).
     """
     path, T = Path(path), len(ids)
     if not 0 < T <= cache.length:
         raise ValueError(f"cannot save {T} positions of a cache holding {cache.length}")
     if cache.batch != 1:
         raise ValueError(f"a prompt cache holds one sequence; the cache has batch size {cache.batch}")
+    _check_replaceable(path, model, cache.dtype)
     args, dtype = cache.args, cache.dtype
     block = _block_tokens(args, dtype)
     n_blocks = -(-T // block)
@@ -245,6 +285,20 @@ def save_prompt_cache(cache, path, model, ids, progress: bool = False) -> int:
     return size
 
 
+def _check_replaceable(path: Path, model, dtype):
+    """Refuse to write over the user's data: a file that is not a prompt cache, or another model's,
+    dtype's or format version's. An empty file, or a damaged cache of this model, may be replaced."""
+    if not path.is_file():
+        return
+    try:
+        _check_header(path, model, dtype)
+    except DamagedPromptCache:
+        pass
+    except UnusablePromptCache as e:
+        raise UsageError(f"the prompt cache {path} was not saved: {e}, and it is kept; give another file name",
+                         ("prompt_cache",)) from None
+
+
 def _rows(cache, layer: int, start: int, end: int) -> torch.Tensor:
     """Positions [start, end) of a layer in the file's layout, [T, 2, n_kv_head, head_dim], in host RAM."""
     k, v = cache.read(layer, start, end, device="cpu")  # [1, n_kv, T, D]
@@ -253,25 +307,31 @@ def _rows(cache, layer: int, start: int, end: int) -> torch.Tensor:
 
 # --- for a run: a file that cannot be used or saved is one line on stderr, not a failed run -----------
 
-def load_or_note(cache, path, model, prompt_ids, progress) -> tuple[int, int]:
-    """load_prompt_cache, or one line on stderr saying why the file is not used, and nothing loaded.
-    Under tensor parallelism each rank loads its own file (rank_file), and all keep the positions that
-    every rank could load: the prefill after them is one computation of all ranks together."""
+def load_or_note(cache, path, model, prompt_ids, progress: bool, read_only: bool) -> bool:
+    """load_prompt_cache, or one line on stderr saying why the file is not used, and nothing loaded;
+    cache.length then says how many prompt positions were loaded. Returns whether to save_or_warn the
+    prompt's KV after the answer: the file does not hold the prompt up to its last token yet, the run
+    is not read_only, and the file is not another model's, dtype's or format version's (never
+    written over). Under tensor parallelism each rank loads its own file (rank_file), and all keep the
+    positions that every rank could load: the prefill after them is one computation of all ranks together."""
     path = tensor_parallel.rank_file(path)
     try:
-        (reused, stored), note = load_prompt_cache(cache, path, model, prompt_ids, progress), None
+        (reused, stored), note, writable = load_prompt_cache(cache, path, model, prompt_ids, progress), None, True
     except UnusablePromptCache as e:
-        (reused, stored), note = (0, 0), f"note: prompt cache {path} not used: {e}; it is computed again"
+        (reused, stored), writable = (0, 0), isinstance(e, DamagedPromptCache)
+        fate = "" if read_only else (", and the file is replaced after the answer" if writable else
+                                     "; the file is kept, not saved over (give --prompt-cache another file name)")
+        note = f"note: prompt cache {path} not used: {e}; it is computed again{fate}"
     common = tensor_parallel.fewest_over_ranks(reused)
     if common < reused:
         cache.truncate(common)
     if note is not None:
-        print(note, file=sys.stderr)
+        say(note)
     elif progress:
         fewest = " (the fewest that every rank has)" if common < reused else ""
-        print(f"prompt cache {path}: " + (f"{common} of {len(prompt_ids)} prompt tokens reused{fewest}" if stored else
-                                          "none yet; it is written after this run"), file=sys.stderr)
-    return common, stored
+        say(f"prompt cache {path}: " + (f"{common} of {len(prompt_ids)} prompt tokens reused{fewest}" if stored else
+                                        "none yet; it is written after this run"))
+    return writable and not read_only and not _up_to_date(common, stored, prompt_ids)
 
 
 def save_or_warn(cache, path, model, prompt_ids, progress):
@@ -279,11 +339,12 @@ def save_or_warn(cache, path, model, prompt_ids, progress):
     write fails, one line on stderr and the old file as it was: the answer has been given, only the
     next run's reuse is lost."""
     path = tensor_parallel.rank_file(path)
+    end_answer_line()  # a save's progress bar, past a few seconds, starts on a line of its own
     try:
         t0 = perf_counter()
         size = save_prompt_cache(cache, path, model, prompt_ids, progress)
         if progress:
-            print(f"prompt cache {path}: {len(prompt_ids)} tokens saved ({fmt_bytes(size)} in "
-                  f"{perf_counter() - t0:.2f} s)", file=sys.stderr)
+            say(f"prompt cache {path}: {len(prompt_ids)} tokens saved ({fmt_bytes(size)} in "
+                f"{perf_counter() - t0:.2f} s)")
     except UsageError as e:
-        print(f"warning: {e}", file=sys.stderr)
+        say(f"warning: {e}")

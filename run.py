@@ -8,12 +8,11 @@ timed, with its stats filled in also when it fails or is interrupted.
     cache = None            # the block's caches are freed before its failure is raised again
     run.raise_failure()
 """
-import sys
 from time import perf_counter
 
 import torch
 
-from errors import UsageError
+from errors import UsageError, say
 from model import ModelArgs
 from planner import make_cache
 
@@ -109,7 +108,7 @@ class Run:
     def allocate(self, args: ModelArgs, progress: bool, more: str = ""):
         """The plan's cache; progress: the plan on stderr first (and `more` after it)."""
         if progress:
-            print(self.plan.describe() + more, file=sys.stderr)
+            say(self.plan.describe() + more)
         return make_cache(self.plan, args)
 
     def step(self, done: int):
@@ -145,7 +144,8 @@ class Run:
         device, plan = self.device, self.plan
         return dict(prefill_s=self.prefill_s, first_step_s=self.first_step_s, decode_tok_s=self.decode_tok_s,
                     peak_gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                    kv_bytes_gpu=plan.gpu_bytes, kv_bytes_cpu=plan.host_bytes, offload=plan.policy, plan=plan.as_dict(),
+                    kv_bytes_gpu=plan.gpu_bytes, kv_bytes_cpu=plan.host_bytes, tp_ranks=plan.ranks, offload=plan.policy,
+                    plan=plan.as_dict(),
                     interrupted=self.phase != "done")
 
     def raise_failure(self):

@@ -51,6 +51,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def ranks() -> int:
+    """The processes of this group, each holding 1/N of the heads (1 outside a group)."""
+    return _group.world if _group is not None else 1
+
+
 def local_ranks() -> int:
     """The processes of this group on this machine: they share its RAM (1 outside a group)."""
     return int(os.environ["LOCAL_WORLD_SIZE"]) if _group is not None else 1

@@ -134,6 +134,30 @@ def test_ctrl_c_stops_the_answer_not_the_session(tiny_ckpt, capsys, monkeypatch)
     assert turns[1]["reused_tokens"] >= turns[0]["prompt_tokens"] + 1  # the partial answer stayed in the conversation
 
 
+class CtrlCWhileWaiting(io.StringIO):
+    """stdin whose first readline is interrupted by Ctrl-C, as at the idle `>` prompt."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.interrupted = False
+
+    def readline(self, *a):
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return super().readline(*a)
+
+
+@pytest.mark.default_model
+def test_ctrl_c_at_the_idle_prompt_keeps_the_session_and_says_how_to_end_it(tiny_ckpt, capsys, monkeypatch):
+    stdin = CtrlCWhileWaiting("hello\n/exit\n")
+    monkeypatch.setattr("sys.stdin", stdin)
+    r = run_in_process(G.cli, ["--checkpoint", str(tiny_ckpt), "-i", "--json", "--max-new-tokens", "3"], capsys)
+    assert stdin.interrupted and r.returncode == 0
+    assert "(Ctrl-C stops an answer; /exit or Ctrl-D ends the session)" in r.stderr.splitlines()
+    assert len([l for l in r.stdout.splitlines() if l.startswith("{")]) == 1  # "hello" was still answered
+
+
 @pytest.mark.default_model
 def test_the_opening_is_saved_once_and_reused_by_the_next_session(tiny_ckpt, tmp_path, capsys, monkeypatch):
     doc, kv = tmp_path / "doc.txt", tmp_path / "doc.kv"

@@ -2,8 +2,10 @@
 and those of docs/python.md."""
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +25,8 @@ QUESTION = "What is the capital of France?"
 def run_json(argv, capsys):
     r = run_in_process(G.cli, [*argv, "--json"], capsys)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+    [line] = r.stdout.splitlines()  # the JSON object is all there is on stdout
+    return json.loads(line), r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +115,72 @@ def test_the_readme_python_examples_run_and_print_clean_text(capsys, tmp_path, m
     ns = namespace
     assert ns["again"] == ns["answers"] == [G.generate(ns["model"], ns["doc"] + q, 64, stop_ids=ns["tokenizer"].stop_ids)
                                             for q in ns["questions"]]
+
+
+def test_json_is_the_only_stdout_and_help_and_docs_say_so(tiny_ckpt, capsys):
+    """--help said "as the last stdout line", as though the answer were printed before it."""
+    out, _ = run_json(["--checkpoint", str(tiny_ckpt), "--prompt", "hi", "--max-new-tokens", "3"], capsys)
+    assert len(out["new_tokens"]) == 3
+    [help_text] = [a.help for a in cli.build_parser()._actions if "--json" in a.option_strings]
+    assert "the only output on stdout" in help_text and "last" not in help_text
+    [row] = [l for l in (ROOT / "docs" / "cli.md").read_text().splitlines() if l.startswith("| `--json`")]
+    assert "the only output on stdout" in row
+
+
+def test_every_stderr_line_starts_on_a_line_of_its_own_when_both_streams_share_one(tiny_ckpt, tmp_path, monkeypatch):
+    """Under 2>&1 the saved-cache note once glued onto the answer: "...their namespaceprompt cache ..."."""
+    words = load_tokenizer(tiny_ckpt).encode("their namespace")  # an answer that ends mid-line
+    real_decode = G.decode
+    monkeypatch.setattr(G, "decode", lambda *a, **kw: (w for w, _ in zip(words, real_decode(*a, **kw))))
+    both = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", both)
+    monkeypatch.setattr(sys, "stderr", both)
+    (tmp_path / "doc.txt").write_text("A document. " * 10)
+    G.cli(["--checkpoint", str(tiny_ckpt), "--prompt-file", str(tmp_path / "doc.txt"), "--prompt", "Why?",
+           "--prompt-cache", str(tmp_path / "doc.kv"), "--max-new-tokens", str(len(words))])
+    lines = both.getvalue().splitlines()
+    assert lines[-3:-1] == ["their namespace", f"prompt cache {tmp_path / 'doc.kv'}: {lines[-2].split(': ')[1]}"]
+    assert lines[-2].endswith(" s)") and " tokens saved (" in lines[-2]
+    assert lines[-1].startswith("prompt ") and ", prefill " in lines[-1]  # the stats line
+
+
+def test_the_words_say_what_happened(tiny_ckpt, capsys):
+    """One token is "1 new token"; a seed that draws nothing says so; a CPU run's plan and stats speak
+    of RAM, not of streaming to a GPU it does not have."""
+    r = run_in_process(G.cli, ["--checkpoint", str(tiny_ckpt), "--prompt", "hi", "--max-new-tokens", "1",
+                               "--offload", "head", "--seed", "3"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert "note: --seed has no effect: decoding is greedy at --temperature 0" in r.stderr
+    [plan] = [l for l in r.stderr.splitlines() if l.startswith("plan")]
+    assert plan.startswith("plan: head offload on the CPU") and "streamed" not in plan and "GPU" not in plan
+    [stats] = [l for l in r.stderr.splitlines() if l.startswith("prompt ")]
+    assert ", 1 new token;" in stats and "GPU" not in stats and "in RAM (CPU run)" in stats
+    r = run_in_process(G.cli, ["--checkpoint", str(tiny_ckpt), "--prompt", "hi", "--max-new-tokens", "1",
+                               "--temperature", "0.7", "--seed", "3"], capsys)
+    assert r.returncode == 0 and "--seed has no effect" not in r.stderr
+
+
+def test_the_readmes_python_example_runs_from_the_repository_root_or_with_it_on_pythonpath(tmp_path):
+    """The modules are flat files with plain names (model, cli, errors): the README says where the
+    example runs, and it runs there: from the root, and from anywhere with the root on PYTHONPATH."""
+    readme = (ROOT / "README.md").read_text()
+    [example] = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert re.search(r"Run it in the repository root \(.*typed into `python` started there\), or\s+from anywhere "
+                     r"with the repository on `PYTHONPATH`", readme)
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    runs = [dict(args=[sys.executable, "-"], input=example, cwd=ROOT, env=env),  # python started in the root
+            dict(args=[sys.executable, str(script)], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)})]
+    for run in runs:
+        r = subprocess.run(**run, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "Paris" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "No module named 'generate'" in r.stderr  # a script elsewhere, though started in the root: as the README says
+
+
+def test_the_readmes_first_screen_gives_the_embedded_models_context():
+    """A long-context tool whose default model reads 8K tokens says so before a newcomer tries a book."""
+    context = json.loads((checkpoint.default_checkpoint() / "config.json").read_text())["max_seq_len"]
+    first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:12])
+    assert f"{context:,}-token context" in first_screen

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import convert_checkpoint
 import generate
@@ -67,7 +68,12 @@ GENERATE_CASES = [
         (t / "latin1.txt", (t / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1")))[0])], "not UTF-8"),
     ("prompt-file-is-dir", lambda c, t: ["--checkpoint", str(c), "--prompt-file", str(t)], "cannot read"),
     ("prompt-file-blank", lambda c, t: ["--checkpoint", str(c), "--prompt-file", str(
-        (t / "blank.txt", (t / "blank.txt").write_text(" \n"))[0])], "prompt is empty"),
+        (t / "blank.txt", (t / "blank.txt").write_text(" \n"))[0])], "blank.txt holds only whitespace"),
+    ("prompt-file-empty-with-a-question", lambda c, t: ["--checkpoint", str(c), "--prompt", "What is it?", "--prompt-file",
+                                                       str((t / "e.txt", (t / "e.txt").write_text(""))[0])],
+     "the prompt file"),  # not "the prompt is empty": the question is not (the file's name: below)
+    ("prompt-file-nul-bytes", lambda c, t: ["--checkpoint", str(c), "--prompt-file", str(
+        (t / "nul.txt", (t / "nul.txt").write_bytes(b"\0" * 3000))[0])], "nul.txt is not text: it holds NUL bytes"),
     ("prompt-too-long", lambda c, t: ["--checkpoint", str(c), "--prompt", "word " * 300], "max_seq_len"),
     ("prompt-beyond-ctx-size", lambda c, t: ["--checkpoint", str(c), "--prompt", "word " * 30, "--ctx-size", "20"],
      "ctx_size is 20"),
@@ -86,7 +92,7 @@ GENERATE_CASES = [
     ("questions-file-missing", lambda c, t: ["--checkpoint", str(c), "--questions-file", str(t / "none.txt")],
      "questions file"),
     ("questions-file-blank", lambda c, t: ["--checkpoint", str(c), "--questions-file", str(
-        (t / "blank.txt", (t / "blank.txt").write_text("\n \n"))[0])], "there are no questions"),
+        (t / "blank.txt", (t / "blank.txt").write_text("\n \n"))[0])], "blank.txt holds only whitespace"),
     ("questions-too-long", lambda c, t: ["--checkpoint", str(c), "--questions-file", str(
         (t / "qs.txt", (t / "qs.txt").write_text("word " * 300))[0])], "the longest question"),
     ("prompt-cache-ro-alone", lambda c, t: ["--prompt-cache-ro"], "only with a prompt cache"),
@@ -192,3 +198,51 @@ def test_the_real_scripts_behave_the_same(tiny_ckpt, tmp_path):
     assert r.returncode == 1 and r.stdout == ""
     r = run("convert_checkpoint.py", [str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert_one_line_error(r, "does not exist")
+
+
+def test_an_empty_prompt_file_is_named_not_the_prompt(tiny_ckpt, tmp_path, capsys):
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    r = run_in_process(generate.cli, ["--checkpoint", str(tiny_ckpt), "--prompt-file", str(empty), "--prompt", "Why?"],
+                       capsys)
+    assert_one_line_error(r, f"error: the prompt file {empty} is empty (see --prompt-file)")
+
+
+def test_a_prompt_cache_path_that_holds_the_users_data_is_refused_and_left_as_it_was(tiny_ckpt, tmp_path, capsys):
+    """The prompt cache is written after the answer: a path that holds anything but a prompt cache is
+    refused before any work, and the file there is byte-identical afterwards."""
+    from safetensors.torch import save_file
+    book, questions, foreign = tmp_path / "book.txt", tmp_path / "qs.txt", tmp_path / "other.safetensors"
+    book.write_text("A block is a unit of storage. " * 20)
+    questions.write_text("What is a block?\n")
+    save_file({"x": torch.zeros(3)}, foreign)
+    weights = tiny_ckpt / "model.safetensors"
+    document = ["--prompt-file", str(book), "--prompt", "What is a block?"]
+    cases = [  # (arguments, the file at stake, the words of the one error line)
+        ([*document, "--prompt-cache", str(book)], book, f"the prompt cache {book} is the file of --prompt-file"),
+        (["--prompt-file", str(book), "--questions-file", str(questions), "--prompt-cache", str(questions)], questions,
+         "is the file of --questions-file"),
+        ([*document, "--prompt-cache", str(weights)], weights, f"is a file of --checkpoint {tiny_ckpt}"),
+        (["--prompt-cache", str(book)], book, f"{book} exists and is not a prompt cache (not a safetensors file)"),
+        (["--prompt-cache", str(foreign)], foreign, "is not a prompt cache (a safetensors file of other tensors)"),
+        (["--prompt-cache", str(foreign), "--prompt-cache-ro"], foreign, "is not a prompt cache"),
+    ]
+    for argv, victim, words in cases:
+        before = victim.read_bytes()
+        r = run_in_process(generate.cli, ["--checkpoint", str(tiny_ckpt), *argv], capsys)
+        assert_one_line_error(r, words)
+        assert r.stdout == "" and "plan:" not in r.stderr  # refused before any work
+        assert victim.read_bytes() == before
+
+
+def test_a_prompt_past_the_context_says_where_it_came_from_the_limit_and_what_to_do(tiny_ckpt, tmp_path, capsys):
+    book = tmp_path / "book.txt"
+    book.write_text("word " * 300)
+    r = run_in_process(generate.cli, ["--checkpoint", str(tiny_ckpt), "--prompt-file", str(book), "--prompt", "Why?"],
+                       capsys)
+    assert_one_line_error(r, f"error: the prompt file {book} with the question of --prompt has ")
+    assert_one_line_error(r, f"but {tiny_ckpt} has a context of 256 tokens (its max_seq_len) for the prompt and the "
+                             f"answer together: shorten the text, or use a checkpoint with a longer context "
+                             f"(see --checkpoint)")
+    r = run_in_process(generate.cli, ["--checkpoint", str(tiny_ckpt), "-i", "--prompt-file", str(book)], capsys)
+    assert_one_line_error(r, f"error: the opening, the prompt file {book}, has ")

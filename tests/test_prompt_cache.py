@@ -1,5 +1,6 @@
 """A prompt cache on disk: reuse is exact for every policy, a file that cannot be used is refused in one
 line and the run goes on, and a save that fails or is interrupted leaves the old file as it was."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,49 +145,90 @@ def flip_a_byte(path, offset_from_end):
     path.write_bytes(bytes(data))
 
 
+KEPT, DAMAGED = False, True  # whether a run may replace the file: only a damaged cache of ours
 UNUSABLE = [
-    ("other-model", lambda p, m: None, "another model"),
-    ("other-dtype", lambda p, m: rewrite(p, dtype="bfloat16"), "written in bfloat16"),
-    ("other-version", lambda p, m: rewrite(p, version="2"), "format version 2"),
-    ("not-ours", lambda p, m: save_file({"x": torch.zeros(3)}, p), "not a prompt cache"),
-    ("truncated", lambda p, m: p.write_bytes(p.read_bytes()[:-100]), "truncated"),
-    ("garbage", lambda p, m: p.write_bytes(b"\x00" * 64), "cannot be read"),
-    ("empty", lambda p, m: p.write_bytes(b""), "cannot be read"),
-    ("corrupt-rows", lambda p, m: flip_a_byte(p, 50), "corrupt"),
-    ("corrupt-tokens", lambda p, m: rewrite(p, {"tokens": torch.tensor(ids_of(60, seed=3))}), "corrupt"),
-    ("corrupt-header", lambda p, m: rewrite(p, crc32="{"), "header is corrupt"),
+    ("other-model", lambda p, m: None, "another model", KEPT),
+    ("other-dtype", lambda p, m: rewrite(p, dtype="bfloat16"), "written in bfloat16", KEPT),
+    ("other-version", lambda p, m: rewrite(p, version="2"), "format version 2", KEPT),
+    ("not-ours", lambda p, m: save_file({"x": torch.zeros(3)}, p), "not a prompt cache .a safetensors file", KEPT),
+    ("text", lambda p, m: p.write_text("Chapter 1. It was a bright cold day in April.\n"), "not a prompt cache", KEPT),
+    ("garbage", lambda p, m: p.write_bytes(b"\x00" * 64), "not a prompt cache", KEPT),
+    ("header-cut", lambda p, m: p.write_bytes(p.read_bytes()[:100]), "not a prompt cache", KEPT),  # unrecognizable
+    ("truncated", lambda p, m: p.write_bytes(p.read_bytes()[:-100]), "truncated", DAMAGED),
+    ("empty", lambda p, m: p.write_bytes(b""), "it is empty", DAMAGED),
+    ("corrupt-rows", lambda p, m: flip_a_byte(p, 50), "corrupt", DAMAGED),
+    ("corrupt-tokens", lambda p, m: rewrite(p, {"tokens": torch.tensor(ids_of(60, seed=3))}), "corrupt", DAMAGED),
+    ("corrupt-header", lambda p, m: rewrite(p, crc32="{"), "header is corrupt", DAMAGED),
 ]
+NOT_A_CACHE = ["not-ours", "text", "garbage", "header-cut"]
+
+
+def spoiled(case, tmp_path):
+    """(writer, reader, the prompt's ids, the file spoiled as `case` says)."""
+    name, spoil, _, _ = case
+    writer, reader = tiny_model(6, 3), tiny_model(6, 3, seed=1 if name == "other-model" else 0)
+    ids, path = ids_of(60), tmp_path / "p.kv"
+    save_prompt_cache(filled(writer, cpu_plan(writer, "head"), ids, 16), path, writer, ids)
+    spoil(path, writer)
+    return writer, reader, ids, path
 
 
 @pytest.mark.parametrize("case", UNUSABLE, ids=[c[0] for c in UNUSABLE])
 def test_an_unusable_file_is_refused_with_the_reason_and_the_cache_left_empty(case, tmp_path):
-    _, spoil, words = case
-    writer, reader = tiny_model(6, 3), tiny_model(6, 3)
-    if case[0] == "other-model":
-        reader = tiny_model(6, 3, seed=1)
-    ids = ids_of(60)
-    path = tmp_path / "p.kv"
-    save_prompt_cache(filled(writer, cpu_plan(writer, "head"), ids, 16), path, writer, ids)
-    spoil(path, writer)
+    _, reader, ids, path = spoiled(case, tmp_path)
     cache = make_cache(cpu_plan(reader, "head"), reader.args)
-    with pytest.raises(UnusablePromptCache, match=words):
+    with pytest.raises(UnusablePromptCache, match=case[2]) as refused:
         load_prompt_cache(cache, path, reader, ids)
     assert cache.length == 0
+    assert isinstance(refused.value, PC.DamagedPromptCache) == case[3]
+
+
+@pytest.mark.parametrize("case", UNUSABLE, ids=[c[0] for c in UNUSABLE])
+def test_a_run_writes_over_nothing_but_a_damaged_cache_of_ours(case, tmp_path, capsys):
+    """A file that is not a prompt cache is the user's (a text, a checkpoint, another safetensors
+    file): refused before any work. Another model's, dtype's or version's cache may have cost hours:
+    the run goes on without it and keeps it. Only a damaged cache of ours is replaced."""
+    name, _, words, damaged = case
+    _, model, ids, path = spoiled(case, tmp_path)
+    before = path.read_bytes()
+    if name in NOT_A_CACHE:
+        with pytest.raises(UsageError, match=f"{path} exists and is not a prompt cache.*left as it was"):
+            generate(model, ids, 8, prompt_cache=path)
+        assert path.read_bytes() == before
+        return
+    assert generate(model, ids, 8, prompt_cache=path) == generate(model, ids, 8)
+    [note] = capsys.readouterr().err.strip().splitlines()
+    assert note.startswith(f"note: prompt cache {path} not used: ") and re.search(words, note)
+    if damaged:
+        assert note.endswith("the file is replaced after the answer")
+        assert load_file(path)["tokens"].tolist() == ids
+    else:
+        assert note.endswith("the file is kept, not saved over (give --prompt-cache another file name)")
+        assert path.read_bytes() == before
+
+
+def test_saving_writes_over_an_empty_file_or_a_cache_of_this_model_and_nothing_else(tmp_path):
+    model, other = tiny_model(6, 3), tiny_model(6, 3, seed=1)
+    ids, path = ids_of(40), tmp_path / "p.kv"
+    cache = filled(model, cpu_plan(model, "none"), ids, 16)
+    path.write_text("my notes\n")
+    with pytest.raises(UsageError, match="not a prompt cache"):
+        save_prompt_cache(cache, path, model, ids)
+    assert path.read_text() == "my notes\n"
+    path.write_bytes(b"")
+    save_prompt_cache(cache, path, model, ids)               # an empty file
+    save_prompt_cache(cache, path, model, ids[:30])          # this model's cache: updated
+    assert load_file(path)["tokens"].tolist() == ids[:30]
+    before = path.read_bytes()
+    with pytest.raises(UsageError, match="another model.*it is kept"):
+        save_prompt_cache(filled(other, cpu_plan(other, "none"), ids, 16), path, other, ids)
+    assert path.read_bytes() == before
 
 
 def test_a_missing_file_is_no_file(tmp_path):
     model = tiny_model(6, 3)
     cache = make_cache(cpu_plan(model, "none"), model.args)
     assert load_prompt_cache(cache, tmp_path / "none.kv", model, ids_of(10)) == (0, 0)
-
-
-def test_generate_says_in_one_line_why_a_file_is_not_used_and_runs_as_without(tmp_path, capsys):
-    model, path, ids = tiny_model(6, 3), tmp_path / "p.kv", ids_of(50)
-    path.write_bytes(b"not a prompt cache")
-    assert generate(model, ids, 8, prompt_cache=path) == generate(model, ids, 8)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"note: prompt cache {path} not used: ")
-    assert load_file(path)["tokens"].tolist() == ids  # replaced by a good one
 
 
 # --- saving: disk full, write errors, interrupts -----------------------------------------------

@@ -21,6 +21,7 @@ from checkpoint import default_checkpoint
 from convert_checkpoint import convert
 from errors import UsageError
 from model import ModelArgs, Transformer
+from planner import fmt_bytes
 from tensor_parallel import TensorParallel
 from tests import tp_worker as W
 from tests.test_cli import run_json
@@ -242,8 +243,13 @@ def test_the_cli_prints_once_and_answers_as_one_process(chat_ckpt, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1  # rank 0's JSON alone: rank 1 printed nothing
-    assert json.loads(lines[0])["new_tokens"] == expected["new_tokens"]
-    assert r.stderr.count("plan: head offload") == 1
+    got = json.loads(lines[0])
+    assert got["new_tokens"] == expected["new_tokens"]
+    # The plan, the stats line and the JSON are rank 0's share, and say so: half the heads' KV each.
+    assert r.stderr.count("plan per rank (2 ranks, each with 1/2 of the heads): head offload on the CPU") == 1
+    assert (got["tp_ranks"], expected["tp_ranks"]) == (2, 1) and 2 * got["plan"]["kv_bytes"] == expected["plan"]["kv_bytes"]
+    [stats] = [l for l in r.stderr.splitlines() if l.startswith("prompt ")]
+    assert stats.endswith(f"KV {fmt_bytes(got['kv_bytes_cpu'])} in RAM (CPU run) per rank (2 ranks)")
 
 
 @pytest.mark.slow
