@@ -89,8 +89,11 @@ def _header(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _is_ours(meta: dict | None) -> bool:
-    return meta is not None and meta.get("format") == FORMAT
+def _not_ours(meta: dict | None) -> str | None:
+    """Why a file whose header is `meta` (_header's) is not a prompt cache; None when it is one."""
+    if meta is None:
+        return "is not a prompt cache (not a safetensors file)"
+    return "is not a prompt cache (a safetensors file of other tensors)" if meta.get("format") != FORMAT else None
 
 
 def check_prompt_cache_path(path, read_only: bool = False):
@@ -99,10 +102,9 @@ def check_prompt_cache_path(path, read_only: bool = False):
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"the prompt cache {path} is a directory; give a file name", ("prompt_cache",))
-    if path.is_file() and path.stat().st_size and not _is_ours(meta := _header(path)):
-        what = "a safetensors file of other tensors" if meta is not None else "not a safetensors file"
-        raise UsageError(f"the prompt cache {path} exists and is not a prompt cache ({what}); it is left as it "
-                         f"was: give the prompt cache a new file name", ("prompt_cache",))
+    if path.is_file() and path.stat().st_size and (why := _not_ours(_header(path))):
+        raise UsageError(f"the prompt cache {path} exists and {why}; it is left as it was: give the prompt cache "
+                         f"a new file name", ("prompt_cache",))
     if not read_only and not path.parent.is_dir():
         raise UsageError(f"the prompt cache {path} cannot be written: {path.parent} is not a directory",
                          ("prompt_cache",))
@@ -142,7 +144,7 @@ def load_prompt_cache(cache, path, model, ids, progress: bool = False) -> tuple[
     if not path.exists():
         return 0, 0
     try:
-        crcs = _check_header(path, model, cache.dtype)
+        crcs = _check_header(path, fingerprint(model), model.args, cache.dtype)
         with safe_open(path, framework="pt", device="cpu") as f:
             tokens = f.get_tensor("tokens")
             if crcs["tokens"] != [_crc(tokens)]:
@@ -158,20 +160,19 @@ def load_prompt_cache(cache, path, model, ids, progress: bool = False) -> tuple[
     return reused, tokens.numel()
 
 
-def _check_header(path: Path, model, dtype) -> dict:
+def _check_header(path: Path, model_fingerprint: str, args, dtype) -> dict:
     """The per-block checksums, once the file is known to be ours, this version, this dtype and model."""
     if path.stat().st_size == 0:
         raise DamagedPromptCache("it is empty")
     meta = _header(path)
-    if not _is_ours(meta):
-        other = " (a safetensors file of other tensors)" if meta is not None else ""
-        raise UnusablePromptCache(f"it is not a prompt cache{other}")
+    if why := _not_ours(meta):
+        raise UnusablePromptCache(f"it {why}")
     if meta.get("version") != VERSION:
         raise UnusablePromptCache(f"it has format version {meta.get('version')}; this version reads {VERSION}")
     if meta.get("dtype") != str(dtype).removeprefix("torch."):
         raise UnusablePromptCache(f"it was written in {meta.get('dtype')}, this run uses "
                                   f"{str(dtype).removeprefix('torch.')}")
-    if meta.get("model") != fingerprint(model):
+    if meta.get("model") != model_fingerprint:
         raise UnusablePromptCache("it was written by another model (its config or weights differ)")
     try:
         crcs, block = json.loads(meta["crc32"]), int(meta["block_tokens"])
@@ -179,9 +180,9 @@ def _check_header(path: Path, model, dtype) -> dict:
         crcs = block = None
     if not isinstance(crcs, dict) or "tokens" not in crcs:
         raise DamagedPromptCache("its header is corrupt")
-    if block != _block_tokens(model.args, dtype):
+    if block != _block_tokens(args, dtype):
         raise UnusablePromptCache(f"its rows are checksummed in blocks of {block} tokens, not "
-                                  f"{_block_tokens(model.args, dtype)}")
+                                  f"{_block_tokens(args, dtype)}")
     return crcs
 
 
@@ -230,15 +231,15 @@ def save_prompt_cache(cache, path, model, ids, progress: bool = False) -> int:
         raise ValueError(f"cannot save {T} positions of a cache holding {cache.length}")
     if cache.batch != 1:
         raise ValueError(f"a prompt cache holds one sequence; the cache has batch size {cache.batch}")
-    _check_replaceable(path, model, cache.dtype)
-    args, dtype = cache.args, cache.dtype
+    args, dtype, model_fingerprint = cache.args, cache.dtype, fingerprint(model)
+    _check_replaceable(path, model_fingerprint, args, dtype)
     block = _block_tokens(args, dtype)
     n_blocks = -(-T // block)
     tokens = torch.tensor(ids, dtype=torch.int64)
     layer_shape = [T, 2, args.n_kv_head, args.head_dim]
     layer_bytes = T * 2 * args.n_kv_head * args.head_dim * dtype.itemsize
     placeholder = {"tokens": ["0" * 8]} | {f"layers.{l}": ["0" * 8] * n_blocks for l in range(args.n_layer)}
-    meta = {"format": FORMAT, "version": VERSION, "model": fingerprint(model),
+    meta = {"format": FORMAT, "version": VERSION, "model": model_fingerprint,
             "dtype": str(dtype).removeprefix("torch."), "block_tokens": str(block), "device": str(cache.device)}
 
     def header(crcs) -> bytes:  # the same length for any checksums: written first, rewritten at the end
@@ -285,13 +286,13 @@ def save_prompt_cache(cache, path, model, ids, progress: bool = False) -> int:
     return size
 
 
-def _check_replaceable(path: Path, model, dtype):
+def _check_replaceable(path: Path, model_fingerprint: str, args, dtype):
     """Refuse to write over the user's data: a file that is not a prompt cache, or another model's,
     dtype's or format version's. An empty file, or a damaged cache of this model, may be replaced."""
     if not path.is_file():
         return
     try:
-        _check_header(path, model, dtype)
+        _check_header(path, model_fingerprint, args, dtype)
     except DamagedPromptCache:
         pass
     except UnusablePromptCache as e:
