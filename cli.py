@@ -19,6 +19,7 @@ import tensor_parallel
 from errors import UsageError, end_answer_line, say, write_answer
 from planner import CPU_PREFILL_CHUNK, DEFAULT_PREFILL_CHUNK, POLICIES, fmt_bytes
 from prompt_cache import check_prompt_cache_path
+from run import check_compile
 
 DEFAULT_PROMPT = "What is the capital of France?"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,8 +98,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ctx-size", type=positive_int, default=None, metavar="N",
                    help="tokens the KV cache is planned for (default: the prompt plus --max-new-tokens; with -i "
                         "the model's max_seq_len)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step; the first step then takes up to a minute (default: off)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the decode step; the first step then takes up to a minute. MODE: default or "
+                        "max-autotune-no-cudagraphs; the CUDA-graph modes (reduce-overhead, max-autotune) are refused "
+                        "(default: off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="of the weights, activations and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
@@ -123,6 +126,7 @@ def check_flags(opts):
                          ("prompt_file",))
     if opts.prompt is not None and not opts.prompt.strip():
         raise UsageError("the prompt is empty", ("prompt",))
+    check_compile(opts.compile)
     if opts.prompt_cache is not None:
         check_prompt_cache_is_its_own(opts)
         check_prompt_cache_path(opts.prompt_cache, opts.prompt_cache_ro)

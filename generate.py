@@ -34,7 +34,7 @@ from errors import UsageError, say
 from model import Transformer
 from planner import default_prefill_chunk, make_cache, plan_cache
 from prompt_cache import check_prompt_cache, load_or_note, save_or_warn
-from run import Run, check_continues, check_ctx_size, check_questions, check_request, check_room
+from run import Run, check_compile, check_continues, check_ctx_size, check_questions, check_request, check_room
 from shared_prefix import SharedPrefixCache, shared_length
 
 PROGRESS_DELAY_S = 2.0  # a prefill shows its progress bar once it has taken this long
@@ -68,14 +68,23 @@ def prefill(model: Transformer, cache, prompt_ids, chunk: int | None = None, pro
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
-    """Next token [B, 1] from logits [B, vocab]: greedy at temperature 0, else top-k sampling."""
+    """Next token [B, 1] from logits [B, vocab]: greedy at temperature 0, else top-k sampling.
+
+    Sampling is an exponential race: with E_i ~ Exp(1) drawn for every token, E_i / p_i is exponential
+    with rate p_i, and the smallest of such is token i's with probability p_i / sum(p), so argmax p / E
+    draws from p. Unlike torch.multinomial, which checks its input on the host, nothing here waits for
+    the device: the next step is queued while this one runs (decode reads each token one step late).
+    """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+    p = torch.softmax(logits, dim=-1)
+    # E > 0: a zero would turn a masked token's 0 / E into NaN, which argmax takes as the largest.
+    race = torch.empty_like(p).exponential_(generator=generator).clamp_(min=torch.finfo(p.dtype).tiny)
+    return (p / race).argmax(dim=-1, keepdim=True)
 
 
 def decode_step(model, token: Tensor, input_pos: Tensor, cache) -> Tensor:
@@ -83,16 +92,17 @@ def decode_step(model, token: Tensor, input_pos: Tensor, cache) -> Tensor:
 
 
 @functools.cache
-def compiled_decode_step():
+def compiled_decode_step(mode: str = "default"):
     # Attention is an opaque custom op (offload.py), so the rest of the step compiles into one
     # graph; positions are a tensor and the cache keeps its length, so nothing recompiles per token.
-    return torch.compile(decode_step, fullgraph=True)
+    # (Modes that replay CUDA graphs are refused by run.check_compile: a replay skips that op's host code.)
+    return torch.compile(decode_step, fullgraph=True, mode=mode)
 
 
 @torch.no_grad()
 def decode(model: Transformer, cache, logits: Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, generator: torch.Generator | None = None,
-           compile: bool = False) -> Iterator[int]:
+           compile: bool | str = False) -> Iterator[int]:
     """Yield up to max_new_tokens new ids: the first sampled from `logits` (the prefill's last
     position), each next one from a decode step that appends the previous token to `cache`.
 
@@ -103,7 +113,8 @@ def decode(model: Transformer, cache, logits: Tensor, max_new_tokens: int, tempe
     possibly the last; `cache.length` says which.
     """
     check_room(cache, max_new_tokens)
-    step = compiled_decode_step() if compile else decode_step
+    check_compile(compile)
+    step = compiled_decode_step("default" if compile is True else compile) if compile else decode_step
     input_pos = torch.tensor([cache.length], device=logits.device)
 
     def next_token(token):
@@ -199,13 +210,14 @@ def prefill_prompt(model, cache, ids, chunk: int, progress: bool, prompt_cache=N
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, offload: str = "head",
              temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-             prefill_chunk: int | None = None, gpu_kv_budget: float | None = None, compile: bool = False,
+             prefill_chunk: int | None = None, gpu_kv_budget: float | None = None, compile: bool | str = False,
              stop_ids=(), on_token=None, stats: dict | None = None, progress: bool = False,
              ctx_size: int | None = None, cache=None, prompt_cache=None, prompt_cache_ro: bool = False) -> list[int]:
     """Prefill the prompt in chunks, then decode up to max_new_tokens; returns the new token ids.
 
     offload: none | layer | head. gpu_kv_budget: GiB of KV the GPU may hold (default: what is free
-    after the weights; CUDA only). prefill_chunk: default 8192 on CUDA, 512 on the CPU. ctx_size:
+    after the weights; CUDA only). prefill_chunk: default the plan's (CUDA: up to 8192, smaller where a
+    long context's buffers need the room; the CPU: 512). ctx_size:
     tokens the cache is planned for (default: the prompt plus max_new_tokens). Generation stops after
     a token in stop_ids (that token is returned too). on_token(id) is called for each new token as
     soon as it is known; `stats`, if given, is filled with timings, memory and the cache plan, also
@@ -220,15 +232,17 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     prompt_cache_ro. With a cache of your own, it must be empty.
     """
     check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk, ctx_size)
+    check_compile(compile)
     check_prompt_cache(model.args, prompt_cache, prompt_cache_ro)
-    device, dtype, chunk, generator = setup(model, prefill_chunk, seed)
+    device, dtype, generator = setup(model, seed)
     if cache is None:
         max_new_tokens = min(max_new_tokens, (ctx_size or model.args.max_seq_len) - len(prompt_ids))
         plan = plan_cache(model.args, ctx_size or len(prompt_ids) + max_new_tokens, dtype, device, offload,
-                          gpu_kv_budget, chunk)
+                          gpu_kv_budget, prefill_chunk)
     else:
         check_continues(cache, prompt_ids)
         plan, max_new_tokens = cache.plan, min(max_new_tokens, cache.max_len - len(prompt_ids))
+    chunk = prefill_chunk or plan.prefill_chunk
     new_ids = []
     with Run(device, plan, chunk, stats, prompt_tokens=len(prompt_ids), reused_tokens=0) as run:
         cache = run.allocate(model.args, progress) if cache is None else cache
@@ -274,11 +288,12 @@ def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list
     check_questions(model, prefix_ids, suffixes)
     check_request(model, prefix_ids, max_new_tokens, temperature, top_k, prefill_chunk)
     check_prompt_cache(model.args, prompt_cache, prompt_cache_ro)
-    device, dtype, chunk, generator = setup(model, prefill_chunk, seed)
+    device, dtype, generator = setup(model, seed)
     B, longest = len(suffixes), max(map(len, suffixes))
     max_new_tokens = min(max_new_tokens, model.args.max_seq_len - len(prefix_ids) - longest)
-    plan = plan_cache(model.args, len(prefix_ids), dtype, device, offload, gpu_kv_budget, chunk,
+    plan = plan_cache(model.args, len(prefix_ids), dtype, device, offload, gpu_kv_budget, prefill_chunk,
                       questions=(B, longest, max_new_tokens - 1))  # the last token is never fed back
+    chunk = plan.prefill_chunk
     answers, counts = [[] for _ in suffixes], [0] * B
     with Run(device, plan, chunk, stats, prefix_tokens=len(prefix_ids), question_tokens=[len(q) for q in suffixes],
              reused_tokens=0, answer_tokens=counts, question_kv_bytes=None) as run:
@@ -307,11 +322,11 @@ def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list
     return answers
 
 
-def setup(model, prefill_chunk: int | None, seed: int | None):
-    """The model's device and dtype, the prefill chunk (its default there) and the seeded sampling generator."""
+def setup(model, seed: int | None):
+    """The model's device and dtype, and the seeded sampling generator."""
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    return device, dtype, prefill_chunk or default_prefill_chunk(device), generator
+    return device, dtype, generator
 
 
 # --- the CLI: one question, many questions, or a chat -------------------------------------------
@@ -381,11 +396,12 @@ def interactive(model, tokenizer, opts, chat: bool, offload: str, opening: str, 
     check_context(opts, model.args, len(conv.ids))
     if len(conv.ids) >= ctx:
         raise UsageError(f"the opening has {len(conv.ids)} tokens; ctx_size is {ctx}", ("prompt_file", "ctx_size"))
-    device, dtype, chunk, _ = setup(model, opts.prefill_chunk, None)
+    device, dtype, _ = setup(model, None)
     try:
-        plan = plan_cache(model.args, ctx, dtype, device, offload, opts.gpu_kv_budget, chunk)
+        plan = plan_cache(model.args, ctx, dtype, device, offload, opts.gpu_kv_budget, opts.prefill_chunk)
     except UsageError as e:  # the session's size is the knob that fits it
         raise UsageError(str(e), e.options + ("ctx_size",)) from None
+    chunk = plan.prefill_chunk
     say(plan.describe())
     cache = make_cache(plan, model.args)
     if conv.ids:

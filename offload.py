@@ -15,9 +15,9 @@ Reading order: KVCache (the interface and the bookkeeping every policy shares), 
 a policy does, in 30 lines), then HeadOffloadCache, the HeadInfer method itself: its __init__ lays
 out the memory (resident slots, one pinned block of per-group stores, two buffers), attend() is one
 layer's attention, and _streamed() is the pipeline (prefetch the next group, wait for this one's
-copy, attend, copy the new rows back); the CUDA stream and event helpers follow it. Then the baseline,
-the sliding-window rings (a few layers of some models, on the device under every policy) and the
-custom op that torch.compile sees.
+copy, attend, copy the new rows back); the copy streams (CUDA's, or the CPU's plain copies) follow
+it. Then the baseline, the sliding-window rings (a few layers of some models, on the device under
+every policy) and the custom op that torch.compile sees.
 
 The cache owns its position: it advances by T once the last layer has attended. Besides attention,
 every cache offers the same small surface for code that keeps a cache beyond one call: `length`,
@@ -57,6 +57,7 @@ class KVCache:
             return torch.ops.headinfer.attend(q, k, v, self.handle, layer)
         return self._attend_and_advance(layer, q, k, v)
 
+    @torch.no_grad()  # the cache is inference memory: outside no_grad, writes into its views would build a graph
     def _attend_and_advance(self, layer, q, k, v):
         T = q.shape[2]
         if self.length + T > self.max_len:
@@ -72,6 +73,7 @@ class KVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
     def attend_shared(self, layer: int, q: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """shared_attention of q [B, n_head, T, D], at positions [B, T], over everything this batch-1
         cache holds, storing nothing: the cache is the shared prefix of B sequences (shared_prefix.py).
@@ -104,6 +106,7 @@ class KVCache:
             v[:, h0:h1] = v_part[:, start:end].transpose(1, 2)
         return k, v
 
+    @torch.no_grad()
     def write(self, layer: int, start: int, k: Tensor, v: Tensor):
         """Store K and V ([B, n_kv_head, T, D], any device) at positions [start, start + T) of `layer`.
 
@@ -185,7 +188,9 @@ class HeadOffloadCache(KVCache):
     of `group_size` and stored in CPU memory (pinned when CUDA is used), each group token-major
     [B, max_len, g, D] so that the prefix of S tokens is one contiguous copy. Streamed groups run
     in a fixed order (layer by layer); the copy of group i+1 is in flight while group i computes,
-    and the last group of a step prefetches the first group of the next step.
+    and the last group of a step prefetches the first group of the next step. The new rows go back
+    on a stream of their own, so that a prefill chunk's write-back never queues ahead of the next
+    group's copy.
     """
 
     def __init__(self, args, batch, max_len, device, dtype, group_size: int, resident):
@@ -218,14 +223,16 @@ class HeadOffloadCache(KVCache):
         buf_numel = batch * max_len * group_size * D
         self.buf_k = [host_or_device_empty((buf_numel,), self.device, dtype) for _ in range(n_buf)]
         self.buf_v = [host_or_device_empty((buf_numel,), self.device, dtype) for _ in range(n_buf)]
-        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        if cuda:
-            for t in self.buf_k + self.buf_v:  # also used on the copy stream: free once its copies are done
-                t.record_stream(self.copy_stream)
+        self.streams = copy_streams(self.device)
+        self.streams.share(self.buf_k + self.buf_v)
         if pin:
-            weakref.finalize(self, _unpin, block, self.copy_stream)
-        self.copied = [_event(cuda) for _ in range(n_buf)]    # H2D of the buffer's unit done
-        self.consumed = [_event(cuda) for _ in range(n_buf)]  # attention over the buffer done
+            weakref.finalize(self, _unpin, block, self.streams)
+        # The events that order the three streams (compute, H2D, D2H); all are device-side waits.
+        event = self.streams.event
+        self.copied = [event() for _ in range(n_buf)]    # H2D into the buffer done: attention may read it
+        self.attended = [event() for _ in range(n_buf)]  # compute done with the buffer (new rows written in)
+        self.released = [event() for _ in range(n_buf)]  # D2H of the buffer's new rows done: it may be refilled
+        self.stored = [event() for _ in self.units]      # the unit's store holds every row written so far
         self.tick = 0            # streamed units processed so far; buffer = tick % 2
         self.in_flight = None    # (tick, unit, prefix length) whose H2D copy is enqueued
         res_bytes = sum(t.nbytes for t in self.res_k + self.res_v)
@@ -242,17 +249,14 @@ class HeadOffloadCache(KVCache):
             self.batch, self.max_len, h1 - h0, self.args.head_dim)[:, :length]
 
     def _prefetch(self, tick: int, unit: int, length: int):
-        """Enqueue the H2D copy of `unit`'s first `length` tokens into buffer tick % 2."""
+        """Enqueue the H2D copy of `unit`'s first `length` tokens into buffer tick % 2, once the buffer's
+        previous readers (attention, the write-back) are done and the unit's store has its newest rows."""
         b = tick % 2
-        with _on(self.copy_stream):
-            if self.copy_stream is not None:
-                self.copy_stream.wait_event(self.consumed[b])  # the buffer's previous reader is done
-            if length:
-                for buf, store in ((self.buf_k[b], self.store_k[unit]), (self.buf_v[b], self.store_v[unit])):
-                    dst = self._view(buf, unit, length)
-                    for i in range(self.batch):  # per batch row: each is one contiguous memcpy
-                        dst[i].copy_(store[i, :length], non_blocking=True)
-            _record(self.copied[b], self.copy_stream)
+        pairs = [(self._view(buf, unit, length)[i], store[i, :length])  # per batch row: one contiguous memcpy
+                 for buf, store in ((self.buf_k[b], self.store_k[unit]), (self.buf_v[b], self.store_v[unit]))
+                 for i in range(self.batch)] if length else []
+        self.streams.copy(self.streams.h2d, pairs, after=(self.attended[b], self.released[b], self.stored[unit]),
+                          done=(self.copied[b],))
         self.in_flight = (tick, unit, length)
 
     def attend(self, layer, q, k, v):
@@ -293,7 +297,7 @@ class HeadOffloadCache(KVCache):
             last = unit + 1 == len(self.units)
             if not last:  # keep the pipeline one unit ahead: this copy overlaps the caller's attention
                 self._prefetch(self.tick + 1, unit + 1, start)
-            _wait(self.copied[b], self.device)
+            self.streams.wait(self.copied[b])
             buf_k, buf_v = self._view(self.buf_k[b], unit, end), self._view(self.buf_v[b], unit, end)
             if k is not None:
                 buf_k[:, start:end] = k[:, :, h0:h1]
@@ -301,17 +305,15 @@ class HeadOffloadCache(KVCache):
             try:
                 yield h0, h1, buf_k.transpose(1, 2), buf_v.transpose(1, 2)
             finally:  # also when the caller's attention failed: what it queued must end before a reuse
-                _record(self.consumed[b], device=self.device)
+                self.streams.record(self.attended[b])
             if k is not None:
                 # Only the new tokens go back to the CPU store, copied from the buffer (not from the
                 # short-lived k/v, whose memory the allocator could hand out again meanwhile).
-                with _on(self.copy_stream):
-                    if self.copy_stream is not None:
-                        self.copy_stream.wait_event(self.consumed[b])
-                    for i in range(self.batch):
-                        self.store_k[unit][i, start:end].copy_(buf_k[i, start:end], non_blocking=True)
-                        self.store_v[unit][i, start:end].copy_(buf_v[i, start:end], non_blocking=True)
-                    _record(self.consumed[b], self.copy_stream)
+                pairs = [(store[i, start:end], buf[i, start:end])
+                         for store, buf in ((self.store_k[unit], buf_k), (self.store_v[unit], buf_v))
+                         for i in range(self.batch)]
+                self.streams.copy(self.streams.d2h, pairs, after=(self.attended[b],),
+                                  done=(self.released[b], self.stored[unit]))
             if last:  # the next step's first unit, after this step's new rows are in its store
                 self._prefetch(self.tick + 1, 0, end)
             self.tick += 1
@@ -326,8 +328,7 @@ class HeadOffloadCache(KVCache):
     def _settle(self):
         # Rows still travelling to or from the stores land first, and a prefetched buffer may hold
         # rows that are about to change: the next attention copies its unit again.
-        if self.copy_stream is not None:
-            self.copy_stream.synchronize()
+        self.streams.synchronize()
         self.in_flight = None
 
 
@@ -342,31 +343,82 @@ def spread_resident(n_resident: int, args: ModelArgs) -> list[int]:
     return per_layer
 
 
-# --- HeadOffloadCache's CUDA plumbing: streams and events (no-ops on the CPU), pinned stores ------
+# --- HeadOffloadCache's plumbing: the copy streams, pinned stores -------------------------------
+# Every copy and every ordering between the streams goes through one of these two objects, so that
+# the order can be checked without a GPU: tests/stream_model.py stands in for CudaStreams on the CPU,
+# running each copy at the latest (or earliest) moment CUDA would allow and flagging any access that
+# no event orders.
 
-class _NullContext:
-    def __enter__(self): return self
-    def __exit__(self, *exc): return False
-
-
-def _on(stream):
-    return torch.cuda.stream(stream) if stream is not None else _NullContext()
-
-
-def _event(cuda: bool):
-    return torch.cuda.Event() if cuda else None
+def copy_streams(device: torch.device):
+    return CudaStreams(device) if device.type == "cuda" else HostCopies()
 
 
-# The compute stream is the current stream of the cache's device, which need not be the current device.
-def _record(event, stream=None, device=None):
-    if event is not None:
-        event.record(stream if stream is not None else torch.cuda.current_stream(device))
+class CudaStreams:
+    """Copies beside the compute (the device's current stream): H2D prefetches on one stream, D2H
+    write-backs on another. Streams order each other only through events, device-side waits that
+    never stop the host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.h2d, self.d2h = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def event(self):
+        return torch.cuda.Event()
+
+    def share(self, tensors):
+        """Device memory the copy streams also use: freed only once their queued copies are done."""
+        for t in tensors:
+            t.record_stream(self.h2d)
+            t.record_stream(self.d2h)
+
+    def copy(self, stream, pairs, after=(), done=()):
+        """On `stream`: wait for the events `after` (an event never recorded is no wait), copy each
+        (dst, src) pair, then record the events `done`."""
+        with torch.cuda.stream(stream):
+            for event in after:
+                stream.wait_event(event)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)  # pinned host memory: asynchronous DMA
+            for event in done:
+                event.record(stream)
+
+    def record(self, event):
+        """Record `event` on the compute stream (the current stream of the cache's device, which need
+        not be the current device)."""
+        event.record(torch.cuda.current_stream(self.device))
+
+    def wait(self, event):
+        """Make the compute stream wait for `event`: a device-side wait, not a host sync."""
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def synchronize(self):
+        self.h2d.synchronize()
+        self.d2h.synchronize()
 
 
-def _wait(event, device=None):
-    """Make the current (compute) stream wait for the event: a device-side wait, not a host sync."""
-    if event is not None:
-        torch.cuda.current_stream(device).wait_event(event)
+class HostCopies:
+    """On the CPU the compute is the copier: every copy happens when it is issued, in program order,
+    which is all the ordering the events would give."""
+    h2d = d2h = None
+
+    def event(self):
+        return None
+
+    def share(self, tensors):
+        pass
+
+    def copy(self, stream, pairs, after=(), done=()):
+        for dst, src in pairs:
+            dst.copy_(src)
+
+    def record(self, event):
+        pass
+
+    def wait(self, event):
+        pass
+
+    def synchronize(self):
+        pass
 
 
 def pinned_empty(numel: int, dtype: torch.dtype) -> Tensor:
@@ -376,15 +428,46 @@ def pinned_empty(numel: int, dtype: torch.dtype) -> Tensor:
     pin as much RAM as a 1M one; registering ordinary memory with CUDA pins what is used, no more.
     """
     t = torch.empty(numel, dtype=dtype)  # registering locks (and so commits) every page
-    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0))
+    runtime = cuda_runtime()
+    err = runtime.host_register(t.data_ptr(), t.nbytes, HOST_REGISTER_PORTABLE)
     if err:
+        # A failed runtime call stays the thread's "last error", which the next kernel launch's check
+        # would report as its own failure: clear it, and say what failed here.
+        runtime.clear_last_error()
         raise MemoryError(f"cudaHostRegister failed (CUDA error {err}) pinning {t.nbytes / 2**30:.2f} GiB")
     return t
 
 
-def _unpin(block: Tensor, copy_stream):
-    copy_stream.synchronize()  # no DMA may still target the block when it is unregistered and freed
-    torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
+def _unpin(block: Tensor, streams: CudaStreams):
+    try:
+        streams.synchronize()  # no DMA may still target the block when it is unregistered and freed
+    finally:  # a failed synchronize must not leave the pages locked for the rest of the process
+        cuda_runtime().host_unregister(block.data_ptr())
+
+
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device's copies, not the current one's only
+
+
+class _CudaRuntime:
+    """The three runtime calls pinning needs: torch binds cudaHostRegister and cudaHostUnregister, not
+    cudaGetLastError (the call that clears an error), which is taken from the libcudart torch loaded."""
+
+    def host_register(self, ptr: int, nbytes: int, flags: int) -> int:
+        return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, flags))
+
+    def host_unregister(self, ptr: int) -> int:
+        return int(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+    def clear_last_error(self):
+        import ctypes
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+        for path in paths:  # the process's own copy: loading it again returns the same library
+            ctypes.CDLL(path).cudaGetLastError()
+
+
+def cuda_runtime():
+    return _CudaRuntime()
 
 
 # --- the layer-wise baseline, the sliding-window rings, cache memory ------------------------------

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from attention import SHARED_BLOCK_BYTES
 from errors import UsageError
 from model import ModelArgs
 from offload import HeadOffloadCache, KVCache, LayerOffloadCache, StandardCache
@@ -21,6 +22,11 @@ POLICIES = ("none", "layer", "head")
 GiB = 1 << 30
 DEFAULT_PREFILL_CHUNK = 8192  # on CUDA. Paper Sec. 5: 10K-token chunks keep prefill compute bound on a 4090.
 CPU_PREFILL_CHUNK = 512       # the CPU is compute bound at any chunk size; small chunks show progress
+# Chunks the planner tries on CUDA, largest first, when none is given: a smaller chunk leaves room for
+# the buffers of a longer context. At 512 tokens the copies of a streamed prefill no longer hide behind
+# its attention (bench/NOTES.md, "Prefill streaming").
+CHUNK_CHOICES = tuple(DEFAULT_PREFILL_CHUNK >> i for i in range(5))  # 8192 ... 512
+ALLOCATOR_MARGIN = 512 << 20
 
 
 def fmt_bytes(n: float) -> str:
@@ -50,6 +56,8 @@ class Plan:
     resident_bytes: int       # the resident slots (every slot for `none`)
     buffer_bytes: int         # the two ping-pong buffers of one group
     window_bytes: int         # the sliding-window layers' rings, on the compute device: fixed by the window
+    prefill_chunk: int        # prompt tokens per forward pass
+    activation_bytes: int     # the most a pass of prefill_chunk tokens holds beside weights and KV
     ranks: int = 1            # tensor-parallel ranks: each holds such a plan for its 1/ranks of the KV heads
 
     @property
@@ -65,12 +73,18 @@ class Plan:
         return self.on_device_bytes if self.on_gpu else 0
 
     @property
+    def gpu_bytes_beyond_weights(self) -> int:
+        """What the run holds on the GPU besides the weights, at most: the KV part and one pass's activations."""
+        return self.gpu_bytes + self.activation_bytes if self.on_gpu else 0
+
+    @property
     def host_bytes(self) -> int:
         return self.store_bytes + (0 if self.on_gpu else self.on_device_bytes)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "dtype": str(self.dtype).removeprefix("torch."),
-                "gpu_bytes": self.gpu_bytes, "host_bytes": self.host_bytes}
+                "gpu_bytes": self.gpu_bytes, "host_bytes": self.host_bytes,
+                "gpu_bytes_beyond_weights": self.gpu_bytes_beyond_weights}
 
     def describe(self) -> str:
         g = fmt_bytes  # short: five sizes in one sentence
@@ -88,17 +102,19 @@ class Plan:
                     f"{g(self.on_device_bytes)} in resident slots and buffers ({layout})")
         return (f"{plan}: {self.policy} offload, {self.max_len} tokens, KV {g(self.kv_bytes)}: "
                 f"{g(self.store_bytes)} streamed from pinned host RAM, {g(self.on_device_bytes)} in GPU memory "
-                f"({self.device}; {layout})")
+                f"({self.device}; {layout}); prefill chunks of {self.prefill_chunk} tokens, "
+                f"{g(self.activation_bytes)} of activations")
 
 
 def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, device="cuda", batch: int = 1,
                 gpu_budget: int | None = None, host_available: int | None = None,
-                group_size: int | None = None, resident: int | None = None) -> Plan:
+                group_size: int | None = None, resident: int | None = None, prefill_chunk: int | None = None) -> Plan:
     """Decide where the KV cache goes, before anything is allocated.
 
     gpu_budget: bytes of KV the device may hold (resident slots + ping-pong buffers); None is
     unlimited. host_available bounds what lives in host RAM: the store, and everything when the
-    device is the CPU. group_size / resident override the choices below.
+    device is the CPU. group_size / resident override the choices below. prefill_chunk (default: the
+    device's) sizes the plan's activation_bytes only: gpu_budget is for the KV alone.
     Adaptive grouping (paper Sec. 4.3): the largest group whose two ping-pong buffers take at most a
     quarter of the budget, so short contexts stream whole layers and the longest single heads; the
     rest of the budget keeps (layer, head) slots resident, and those need no transfer at all.
@@ -108,6 +124,11 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
     if policy not in POLICIES:
         raise UsageError(f"unknown offload policy {policy!r}; choose one of {', '.join(POLICIES)}", ("offload",))
     n_kv, slots = args.n_kv_head, len(args.global_layers) * args.n_kv_head
+    if group_size is not None and not (isinstance(group_size, int) and 1 <= group_size <= n_kv):
+        raise UsageError(f"group_size must be a whole number from 1 to the model's {n_kv} KV heads, got {group_size!r}")
+    if resident is not None and not (isinstance(resident, int) and 0 <= resident <= slots):
+        raise UsageError(f"resident must be a whole number from 0 to the {slots} (layer, KV head) slots of the "
+                         f"model's global layers, got {resident!r}")
     token_bytes = 2 * batch * args.head_dim * dtype.itemsize  # K and V of one head for one token
     slot_bytes = max_len * token_bytes                          # one (layer, head) slot
     total = slots * slot_bytes
@@ -118,8 +139,10 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
                          f"device for their {args.sliding_window}-token windows but the GPU KV budget is "
                          f"{fmt_bytes(budget)}", ("gpu_kv_budget",))
     budget -= windows
+    chunk = prefill_chunk or default_prefill_chunk(device)
     layout = dict(policy=policy, device=str(device), dtype=dtype, batch=batch, max_len=max_len, total_slots=slots,
-                  kv_bytes=total + windows, window_bytes=windows)
+                  kv_bytes=total + windows, window_bytes=windows, prefill_chunk=chunk,
+                  activation_bytes=activation_bytes(args, dtype, min(chunk, max_len), batch))
 
     if policy == "none":
         if total > budget:
@@ -209,10 +232,29 @@ def default_prefill_chunk(device) -> int:
     return DEFAULT_PREFILL_CHUNK if torch.device(device).type == "cuda" else CPU_PREFILL_CHUNK
 
 
-def activation_reserve(args: ModelArgs, dtype, chunk: int) -> int:
-    """GPU memory kept free for one prefill chunk's activations, plus a fixed margin for the allocator."""
-    per_token = (4 * args.dim + 3 * args.intermediate_size + 2 * (args.n_head + 2 * args.n_kv_head) * args.head_dim)
-    return 2 * chunk * per_token * dtype.itemsize + args.vocab_size * 4 + GiB
+def activation_bytes(args: ModelArgs, dtype, chunk: int, batch: int = 1) -> int:
+    """The most memory a forward pass of `chunk` tokens (per sequence) holds beside the weights and the
+    KV cache: an upper bound of the tensors the pieces allocate (tests/test_planner.py counts them).
+
+    Per token: the MLP, where the peak is (the hidden state, about four [dim] tensors, and the gate, the
+    up projection and their product, [intermediate] each); added to it, attention's side (q, k, v, the
+    fp32 RoPE copies of q and k, the output twice: kernel and concatenation, the fp32 log-sum-exp).
+    Per pass: a sliding window's mask (chunk x (chunk + window - 1) booleans, one layer at a time), a
+    soft cap's fp32 key blocks, and the last position's fp32 logits.
+    """
+    a, size = args, dtype.itemsize
+    mlp = size * (4 * a.dim + 3 * a.intermediate_size)
+    attn = (size * (a.n_head + 2 * a.n_kv_head) * a.head_dim + 8 * (a.n_head + a.n_kv_head) * a.head_dim
+            + 2 * size * a.n_head * a.head_dim + 4 * a.n_head)
+    mask = chunk * (chunk + a.sliding_window - 1) if a.sliding_layers else 0
+    blocks = 3 * SHARED_BLOCK_BYTES if a.attn_softcap else 0
+    return batch * (chunk * (mlp + attn) + mask + blocks + 2 * 4 * a.vocab_size)
+
+
+def activation_reserve(args: ModelArgs, dtype, chunk: int, batch: int = 1) -> int:
+    """GPU memory kept free for one prefill chunk: its activations, and a margin for the allocator's
+    rounding and the kernels' workspaces."""
+    return activation_bytes(args, dtype, chunk, batch) + ALLOCATOR_MARGIN
 
 
 def question_bytes(args: ModelArgs, dtype, n_questions: int, longest: int, room: int, chunk: int) -> tuple[int, int]:
@@ -227,11 +269,13 @@ def question_bytes(args: ModelArgs, dtype, n_questions: int, longest: int, room:
 
 
 def plan_cache(args: ModelArgs, max_len: int, dtype, device, policy: str, gpu_kv_budget: float | None = None,
-               prefill_chunk: int = DEFAULT_PREFILL_CHUNK, batch: int = 1,
+               prefill_chunk: int | None = None, batch: int = 1,
                questions: tuple[int, int, int] | None = None) -> Plan:
     """The cache plan for a run on this machine, checked against host RAM and (on CUDA) the GPU memory
     left free by the weights and one prefill chunk's activations. gpu_kv_budget is in GiB; by default
-    the KV may take all of that free memory.
+    the KV may take all of that free memory. prefill_chunk: by default, on CUDA the largest of
+    CHUNK_CHOICES with which the plan fits (a long context's buffers take the room of larger chunks'
+    activations), on the CPU CPU_PREFILL_CHUNK; the plan says which (plan.prefill_chunk).
 
     questions: (n, longest, room) when the cache is the shared prefix of n questions decoded
     together (generate_many): their own caches and activations (question_bytes) are set aside too,
@@ -251,28 +295,42 @@ def _plan_cache(args, max_len, dtype, device, policy, gpu_kv_budget, prefill_chu
     if gpu_kv_budget is not None and device.type != "cuda":
         raise UsageError(f"gpu_kv_budget needs a CUDA device; on {device} the whole KV cache is in host RAM",
                          ("gpu_kv_budget",))
-    own, question_pass = question_bytes(args, dtype, *questions, prefill_chunk) if questions else (0, 0)
-    budget, overrides, host = None, {}, host_available_bytes()
-    if device.type == "cuda":
-        # The prefix is prefilled first, then the questions' caches live through their passes.
-        free = gpu_free_bytes(device)
-        questions_need = own + question_pass
-        _check_questions(questions, own, questions_need, free, f"GPU {device}")
-        reserve = max(activation_reserve(args, dtype, min(prefill_chunk, max_len)), questions_need)
-        available = max(0, free - reserve)
-        budget = available if gpu_kv_budget is None else int(gpu_kv_budget * GiB)
-        if budget > available:
-            raise UsageError(f"a GPU KV budget of {gpu_kv_budget} GiB exceeds the {fmt_bytes(available)} free on "
-                             f"{device} after the weights and one prefill chunk's activations", ("gpu_kv_budget",))
-    else:
-        if policy == "head":
-            overrides = dict(group_size=1, resident=0)  # on the CPU, show the method itself: stream every head
+    host = host_available_bytes()
+    if device.type != "cuda":
+        chunk = prefill_chunk or CPU_PREFILL_CHUNK
+        own = question_bytes(args, dtype, *questions, chunk)[0] if questions else 0
         if host is not None:
             _check_questions(questions, own, own, host, "host RAM")
             host -= own
-    plan = plan_memory(args, max_len, dtype, policy, device, batch, gpu_budget=budget, host_available=host,
-                       **overrides)
-    return replace(plan, ranks=ranks())
+        # On the CPU, head offload shows the method itself: every head streamed.
+        overrides = dict(group_size=1, resident=0) if policy == "head" else {}
+        plan = plan_memory(args, max_len, dtype, policy, device, batch, host_available=host, prefill_chunk=chunk,
+                           **overrides)
+        return replace(plan, ranks=ranks())
+    free = gpu_free_bytes(device)
+    chunks = [prefill_chunk] if prefill_chunk else CHUNK_CHOICES
+    for chunk in chunks:
+        try:
+            return replace(_plan_gpu(args, max_len, dtype, device, policy, gpu_kv_budget, chunk, batch, questions,
+                                     free, host), ranks=ranks())
+        except UsageError:
+            if chunk == chunks[-1]:  # the smallest chunk's refusal is the one to say
+                raise
+
+
+def _plan_gpu(args, max_len, dtype, device, policy, gpu_kv_budget, chunk, batch, questions, free, host) -> Plan:
+    # The prefix is prefilled first, then the questions' caches live through their passes.
+    own, question_pass = question_bytes(args, dtype, *questions, chunk) if questions else (0, 0)
+    questions_need = own + question_pass
+    _check_questions(questions, own, questions_need, free, f"GPU {device}")
+    reserve = max(activation_reserve(args, dtype, min(chunk, max_len), batch), questions_need)
+    available = max(0, free - reserve)
+    budget = available if gpu_kv_budget is None else int(gpu_kv_budget * GiB)
+    if budget > available:
+        raise UsageError(f"a GPU KV budget of {gpu_kv_budget} GiB exceeds the {fmt_bytes(available)} free on "
+                         f"{device} after the weights and one prefill chunk's activations", ("gpu_kv_budget",))
+    return plan_memory(args, max_len, dtype, policy, device, batch, gpu_budget=budget, host_available=host,
+                       prefill_chunk=chunk)
 
 
 def _check_questions(questions, own: int, need: int, free: int, where: str):

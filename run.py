@@ -38,6 +38,21 @@ def check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill
                          ("prompt",) if ctx_size is None else ("prompt", "ctx_size"))
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile modes the decode step can use
+
+
+def check_compile(compile: bool | str | None):
+    """compile: False or None (eager), True (mode "default") or one of COMPILE_MODES. The modes that replay CUDA graphs
+    ("reduce-overhead", "max-autotune") are refused: a replay runs the recorded kernels only, and the
+    cache's attention is host code (copies on streams, events, the position it advances), so every
+    replayed step would attend at the captured position over the captured buffers, silently wrong."""
+    if compile in (None, False, True) or compile in COMPILE_MODES:
+        return
+    why = (" replays CUDA graphs, which skip the KV cache's host code (streams, events, its position)"
+           if compile in ("reduce-overhead", "max-autotune") else " is not a torch.compile mode")
+    raise UsageError(f"compile mode {compile!r}{why}; use one of {', '.join(COMPILE_MODES)}", ("compile",))
+
+
 def check_ctx_size(args: ModelArgs, ctx_size: int):
     if ctx_size > args.max_seq_len:
         raise UsageError(f"ctx_size {ctx_size} exceeds the model's max_seq_len {args.max_seq_len}", ("ctx_size",))

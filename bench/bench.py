@@ -70,14 +70,14 @@ class Run:
         self.contexts = {sec: sorted({resolve(c) for c in given or sched} - {0})  # 0: host RAM unknown
                          for sec, sched in (DRY_SCHEDULE if self.dry else GPU_SCHEDULE).items()}
         self.memo, self.notes = {}, []
-        self.h2d_gbps = self.d2h_gbps = self.sdpa_tflops = None
+        self.h2d_gbps = self.d2h_gbps = self.sdpa_tflops = self.d2d_gbps = self.gemm_tflops = None
         self._model = None
         self.summary = dict(device=torch.cuda.get_device_name(self.device) if not self.dry else "cpu (dry run)",
                             torch=torch.__version__, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                             dry_run=self.dry, model="tiny (dry run)" if self.dry else opts.model, dtype=str(self.dtype),
                             host_budget_bytes=self.host_budget,
                             longest_context=self.longest, prefill_chunk=self.chunk, weights_bytes=self.weights,
-                            h2d_gbps=None, d2h_gbps=None, sdpa_tflops=None,
+                            h2d_gbps=None, d2h_gbps=None, sdpa_tflops=None, d2d_gbps=None, gemm_tflops=None,
                             memory=[], decode=[], prefill=[], max_context_24gib={}, targets=[], notes=self.notes)
 
     @property
@@ -129,11 +129,19 @@ def section_ceilings(run):
                                     for s in (1 << 20, 1 << 24, 1 << 28, n)}
         out["h2d_gbps"] = out["h2d_gbps_by_bytes"][str(n)]
         out["d2h_gbps"] = n / best_time(dev, lambda: host.copy_(gpu, non_blocking=True)) / 1e9
-        del host, gpu
-    else:  # dry run: a CPU memcpy stands in for the PCIe copies
+        other = torch.empty_like(gpu)  # HBM: a device-to-device copy reads and writes every byte
+        out["d2d_gbps"] = 2 * n / best_time(dev, lambda: other.copy_(gpu)) / 1e9
+        del host, gpu, other
+    else:  # dry run: a CPU memcpy stands in for the PCIe and HBM copies
         src = torch.empty(1 << 24, dtype=torch.uint8)
         dst = torch.empty_like(src)
         out["h2d_gbps"] = out["d2h_gbps"] = src.nbytes / best_time(dev, lambda: dst.copy_(src)) / 1e9
+        out["d2d_gbps"] = 2 * out["h2d_gbps"]
+    # The linear layers' rate, at a prefill chunk's shape through the MLP's up projection.
+    x = torch.randn(run.chunk, a.dim, device=dev, dtype=run.dtype)
+    w = torch.randn(a.intermediate_size, a.dim, device=dev, dtype=run.dtype)
+    out["gemm_tflops"] = 2 * run.chunk * a.dim * a.intermediate_size / best_time(dev, lambda: F.linear(x, w)) / 1e12
+    del x, w
     T, H, D = (32 * K, 32, 128) if dev.type == "cuda" else (512, 4, 16)
     q, k, v = (torch.randn(1, H, T, D, device=dev, dtype=run.dtype) for _ in range(3))
     flops = 2 * 2 * T * T * H * D / 2  # QK^T and PV, half of the square under the causal mask
@@ -159,8 +167,11 @@ def section_ceilings(run):
     del q, k, v, qc, kc, vc
     release(dev)
     run.h2d_gbps, run.d2h_gbps, run.sdpa_tflops = out["h2d_gbps"], out["d2h_gbps"], out["sdpa_tflops"]
-    run.summary.update(h2d_gbps=run.h2d_gbps, d2h_gbps=run.d2h_gbps, sdpa_tflops=run.sdpa_tflops)
-    run.clock.log(f"ceilings: H2D {run.h2d_gbps:.1f} GB/s, D2H {run.d2h_gbps:.1f} GB/s, SDPA {run.sdpa_tflops:.1f} TFLOP/s")
+    run.d2d_gbps, run.gemm_tflops = out["d2d_gbps"], out["gemm_tflops"]
+    run.summary.update(h2d_gbps=run.h2d_gbps, d2h_gbps=run.d2h_gbps, sdpa_tflops=run.sdpa_tflops,
+                       d2d_gbps=run.d2d_gbps, gemm_tflops=run.gemm_tflops)
+    run.clock.log(f"ceilings: H2D {run.h2d_gbps:.1f} GB/s, D2H {run.d2h_gbps:.1f} GB/s, HBM {run.d2d_gbps:.0f} GB/s, "
+                  f"SDPA {run.sdpa_tflops:.1f} TFLOP/s, GEMM {run.gemm_tflops:.1f} TFLOP/s")
     run.write("ceilings", out)
 
 
@@ -169,6 +180,22 @@ def section_ceilings(run):
 def attention_flops(a: ModelArgs, T: int, S: int) -> float:
     """Causal attention FLOPs of T queries that end a context of S keys (all layers)."""
     return 4 * a.n_layer * a.n_head * a.head_dim * T * (S - T / 2)
+
+
+def linear_flops(a: ModelArgs, T: int) -> float:
+    """FLOPs of the linear layers (projections and MLP, all layers; the output layer runs on the last
+    position only) for T tokens."""
+    per_layer = (a.dim * (a.n_head + 2 * a.n_kv_head) * a.head_dim + a.n_head * a.head_dim * a.dim
+                 + 3 * a.dim * a.intermediate_size)
+    return 2 * a.n_layer * per_layer * T
+
+
+def roofline_s(run, L: int) -> float | None:
+    """A prefill of L tokens at the measured ceilings: attention at the SDPA rate, linears at the GEMM rate."""
+    if not run.sdpa_tflops or not run.gemm_tflops:
+        return None
+    return (attention_flops(run.args, L, L) / (run.sdpa_tflops * 1e12)
+            + linear_flops(run.args, L) / (run.gemm_tflops * 1e12))
 
 
 def estimate(run, kind, cfg, L) -> float:
@@ -243,33 +270,36 @@ def section_memory_decode(run, sections):
         measure(run, "decode", cfg, L)
 
     if "memory" in sections:
-        rows = []
-        for L in run.contexts["memory"]:
-            for policy, (kind, cfg) in MEMORY_POLICIES.items():
-                r = measure(run, kind, cfg, L)
-                pk, kv = r.get("peak_gpu_bytes"), r.get("kv_gpu_bytes")
-                beyond = None if pk is None else pk - run.weights
-                rows.append(dict(policy=policy, context=L, peak_gpu_bytes=pk, gpu_bytes_beyond_weights=beyond,
-                                 weights_bytes=run.weights, kv_gpu_bytes=kv,
-                                 activation_bytes=None if pk is None else beyond - kv,
-                                 **pick(r, "chunk", "group_size", "resident_heads", "kv_cpu_bytes",
-                                        "peak_reserved_bytes", "error")))
-        run.summary["memory"] = rows
-        run.write("memory", rows)
-
+        run.summary["memory"] = [memory_row(run, policy, L)
+                                 for L in run.contexts["memory"] for policy in MEMORY_POLICIES]
+        run.write("memory", run.summary["memory"])
     if "decode" in sections:
-        rows = []
-        for L in run.contexts["decode"]:
-            for cfg in DECODE_CONFIGS:
-                r = measure(run, "decode", cfg, L)
-                s, streamed = r.get("s_per_token"), r.get("streamed_bytes_per_token")
-                util = streamed / (run.h2d_gbps * 1e9) / s if s and streamed and run.h2d_gbps else None
-                rows.append(dict(policy="head" if cfg == "head_budget" else cfg, config=cfg, context=L,
-                                 resident_heads=r.get("resident_heads"), s_per_token=s, pcie_util=util,
-                                 **pick(r, "group_size", "steps", "decode_from", "streamed_bytes_per_token", "chunk_s",
-                                        "fill_s", "alloc_s", "error")))
-        run.summary["decode"] = rows
-        run.write("decode", rows)
+        run.summary["decode"] = [decode_row(run, cfg, L) for L in run.contexts["decode"] for cfg in DECODE_CONFIGS]
+        run.write("decode", run.summary["decode"])
+
+
+def memory_row(run, policy: str, L: int) -> dict:
+    kind, cfg = MEMORY_POLICIES[policy]
+    r = measure(run, kind, cfg, L)
+    pk, kv = r.get("peak_gpu_bytes"), r.get("kv_gpu_bytes")
+    beyond = None if pk is None else pk - run.weights
+    return dict(policy=policy, context=L, peak_gpu_bytes=pk, gpu_bytes_beyond_weights=beyond, weights_bytes=run.weights,
+                kv_gpu_bytes=kv, activation_bytes=None if pk is None else beyond - kv,
+                **pick(r, "chunk", "group_size", "resident_heads", "kv_cpu_bytes", "peak_reserved_bytes", "error"))
+
+
+def decode_row(run, cfg: str, L: int) -> dict:
+    """pcie_util: the streamed bytes at the measured H2D rate over the step time; hbm_util: the weights
+    and the whole KV read once at the measured HBM rate over the step time (the on-GPU bound)."""
+    r = measure(run, "decode", cfg, L)
+    s, streamed = r.get("s_per_token"), r.get("streamed_bytes_per_token")
+    pcie = streamed / (run.h2d_gbps * 1e9) / s if s and streamed and run.h2d_gbps else None
+    hbm_bytes = run.weights + L * run.args.kv_bytes_per_token(run.dtype)
+    hbm = hbm_bytes / (run.d2d_gbps * 1e9) / s if s and run.d2d_gbps else None
+    return dict(policy="head" if cfg == "head_budget" else cfg, config=cfg, context=L,
+                resident_heads=r.get("resident_heads"), s_per_token=s, pcie_util=pcie, hbm_util=hbm,
+                **pick(r, "group_size", "steps", "decode_from", "streamed_bytes_per_token", "chunk_s", "fill_s",
+                       "alloc_s", "error"))
 
 
 # --- 4. prefill ------------------------------------------------------------------------------------
@@ -278,17 +308,20 @@ PREFILL_CONFIGS = ("standard", "head", "layer", "chunked")  # the targets' rows 
 
 
 def section_prefill(run):
-    rows = []
-    for cfg in PREFILL_CONFIGS:
-        for L in run.contexts["prefill"]:
-            r = measure(run, "prefill", cfg, L)
-            s = r.get("seconds")
-            tflops = attention_flops(run.args, L, L) / s / 1e12 if s else None
-            rows.append(dict(policy=cfg, context=L, seconds=s, tflops=tflops, tokens_per_s=L / s if s else None,
-                             sdpa_fraction=tflops / run.sdpa_tflops if tflops and run.sdpa_tflops else None,
-                             **pick(r, "chunk", "group_size", "resident_heads", "peak_gpu_bytes", "alloc_s", "error")))
-    run.summary["prefill"] = rows
-    run.write("prefill", rows)
+    run.summary["prefill"] = [prefill_row(run, cfg, L) for cfg in PREFILL_CONFIGS for L in run.contexts["prefill"]]
+    run.write("prefill", run.summary["prefill"])
+
+
+def prefill_row(run, cfg: str, L: int) -> dict:
+    """tflops: attention FLOPs over the whole time; roofline_fraction: the time at the measured ceilings
+    (roofline_s) over the time taken."""
+    r = measure(run, "prefill", cfg, L)
+    s, roof = r.get("seconds"), roofline_s(run, L)
+    tflops = attention_flops(run.args, L, L) / s / 1e12 if s else None
+    return dict(policy=cfg, context=L, seconds=s, tflops=tflops, tokens_per_s=L / s if s else None,
+                sdpa_fraction=tflops / run.sdpa_tflops if tflops and run.sdpa_tflops else None,
+                roofline_s=roof, roofline_fraction=roof / s if roof and s else None,
+                **pick(r, "chunk", "group_size", "resident_heads", "peak_gpu_bytes", "alloc_s", "error"))
 
 
 # --- 6. the transformers peer ----------------------------------------------------------------------
@@ -340,9 +373,12 @@ def targets(run) -> list[dict]:
     check("prefill: head within 10% of standard where standard fits", pairs,
           lambda p: p[0]["seconds"] <= 1.1 * p[1]["seconds"],
           lambda p: f"{fmt_tokens(p[0]['context'])} {p[0]['seconds'] / p[1]['seconds']:.2f}x")
-    long_pre = [r for (c, L), r in pre.items() if c == "head" and L >= lim["long"] and r.get("sdpa_fraction")]
-    check(f"prefill >= {fmt_tokens(lim['long'])}: head >= 70% of SDPA ceiling", long_pre,
-          lambda r: r["sdpa_fraction"] >= 0.7, lambda r: f"{fmt_tokens(r['context'])} {r['sdpa_fraction']:.2f}")
+    long_pre = [r for (c, L), r in pre.items() if c == "head" and L >= lim["long"] and r.get("roofline_fraction")]
+    check(f"prefill >= {fmt_tokens(lim['long'])}: head >= 0.80 of the roofline (SDPA + GEMM ceilings)", long_pre,
+          lambda r: r["roofline_fraction"] >= 0.8, lambda r: f"{fmt_tokens(r['context'])} {r['roofline_fraction']:.2f}")
+    short = [r for r in dec if r["config"] == "none" and r["context"] <= lim["short"] and r.get("hbm_util")]
+    check(f"decode <= {fmt_tokens(lim['short'])}: standard cache >= 0.60 of the HBM bound", short,
+          lambda r: r["hbm_util"] >= 0.6, lambda r: f"{fmt_tokens(r['context'])} {r['hbm_util']:.2f}")
     mem = [r for r in s["memory"] if r["policy"] == "head" and r["context"] == run.longest
            and r.get("gpu_bytes_beyond_weights") is not None]
     check(f"memory at {fmt_tokens(run.longest)}: head beyond weights <= 1.5 GiB", mem,
@@ -384,7 +420,8 @@ def print_tables(run):
     pivot("decode s/token", s["decode"], config, cell("s_per_token", ".4f"))
     pivot("decode PCIe util", [r for r in s["decode"] if r.get("pcie_util")], config, cell("pcie_util", ".2f"))
     pivot("prefill s", s["prefill"], lambda r: r["policy"], cell("seconds", ".3f"))
-    pivot("prefill / SDPA ceiling", s["prefill"], lambda r: r["policy"], cell("sdpa_fraction", ".2f"))
+    pivot("prefill / roofline", s["prefill"], lambda r: r["policy"], cell("roofline_fraction", ".2f"))
+    pivot("decode HBM util", [r for r in s["decode"] if r.get("hbm_util")], config, cell("hbm_util", ".2f"))
     pivot("GiB beyond weights", s["memory"], lambda r: r["policy"], cell("gpu_bytes_beyond_weights", ".2f", GiB))
     if s["max_context_24gib"]:
         print("\nmax context under the cap: " + ", ".join(

@@ -109,3 +109,28 @@ def test_many_questions_bench_dry_run(tmp_path):
     assert [r["questions"] for r in run["together"]] == [1, 2, 4]
     for r in run["together"]:
         assert r["answers_equal_alone"] == r["questions"] and r["decode_tok_s"] > 0 and r["speedup"] > 0
+
+
+@pytest.mark.parametrize("part,steps", [
+    (1, ["env", "tests", "ceilings", "decode_streamed", "decode_short", "prefill", "memory", "sync", "hf"]),
+    (2, ["env", "prompt_cache", "many_questions", "window_kernels"]),
+])
+def test_the_gpu_session_dry_run_runs_every_step(part, steps, tmp_path):
+    """The one device call (bench/NOTES.md, "Running on a GPU") must not crash on a typo there: every
+    step runs here on the CPU with tiny shapes, and writes its JSON."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_session.py"), "--dry-run", "--part", str(part),
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for step in steps:
+        result = json.loads((tmp_path / f"{step}.json").read_text())
+        assert "error" not in result and "not_run" not in result, (step, result)
+        assert not [r for r in result.get("rows", []) if r.get("error")], (step, result)
+    if part == 1:
+        assert json.loads((tmp_path / "tests.json").read_text())["returncode"] == 0
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        ours = [r for r in summary["decode"] if r["policy"] != "hf_offloaded"]
+        assert ours and all({"pcie_util", "hbm_util", "resident_heads", "s_per_token"} <= set(r) for r in ours)
+        assert all(r["roofline_fraction"] > 0 for r in summary["prefill"])
+        assert "targets:" in p.stdout
+    else:
+        assert all(json.loads((tmp_path / f"{s}.json").read_text())["returncode"] == 0 for s in steps[1:3])

@@ -116,6 +116,8 @@ GENERATE_CASES = [
     ("unknown-dtype", lambda c, t: ["--dtype", "float64"], "invalid choice"),
     ("unknown-offload", lambda c, t: ["--offload", "disk"], "invalid choice"),
     ("unknown-flag", lambda c, t: ["--turbo"], "unrecognized arguments"),
+    ("compile-cuda-graphs", lambda c, t: ["--compile", "reduce-overhead"], "replays CUDA graphs, which skip"),
+    ("compile-unknown-mode", lambda c, t: ["--compile", "fast"], "is not a torch.compile mode"),
     ("cuda-without-gpu", lambda c, t: ["--device", "cuda"], "CUDA is not available"),
     ("unknown-device", lambda c, t: ["--device", "tpu9"], "unknown device"),
 ]

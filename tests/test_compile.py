@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch._dynamo
 
+from errors import UsageError
 from generate import compiled_decode_step, generate
 from offload import HeadOffloadCache, StandardCache
 from tests.test_offload import tiny_model
@@ -48,3 +49,13 @@ def test_compiled_decode_of_windowed_soft_capped_layers_gives_eager_tokens():
     eager = generate(model, prompt, 20, offload="head")
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert generate(model, prompt, 20, offload="head", compile=True) == eager
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_modes_are_refused_before_any_work(mode):
+    """A CUDA-graph replay runs the captured kernels only: the cache's copies, events and position
+    (host code behind the attention op) would not run, and every step would attend at the captured
+    position. Refused up front, on any device."""
+    model = tiny_model(4, 2)
+    with pytest.raises(UsageError, match=f"compile mode '{mode}' replays CUDA graphs"):
+        generate(model, list(range(1, 12)), 4, compile=mode)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from generate import decode_step, generate
+from generate import decode_step, generate, sample
 from model import ModelArgs, Transformer, rope_inv_freq
 from offload import HeadOffloadCache, LayerOffloadCache, StandardCache
 from planner import GiB, make_cache, plan_memory
@@ -85,19 +85,22 @@ def test_read_write_truncate_across_pinned_store_resident_slots_and_copy_stream(
         assert (model(token, pos, cache) - expected).abs().max().item() <= 1e-4  # another chunking: rounding
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
 @torch.no_grad()
-def test_decode_issues_no_host_synchronization():
+def test_decode_issues_no_host_synchronization(temperature):
+    """Greedy and sampled (the exponential race: torch.multinomial would check its input on the host)."""
     args = ModelArgs(dim=256, n_layer=4, n_head=8, n_kv_head=4, head_dim=32, intermediate_size=512,
                      vocab_size=1000, max_seq_len=4096)
     model = random_model(args)
     cache = HeadOffloadCache(args, 1, 2048, "cuda", torch.bfloat16, group_size=1, resident=3)
     model(torch.zeros(1, 1000, dtype=torch.long, device="cuda"), torch.arange(1000, device="cuda"), cache)
     token, pos = torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.tensor([1000], device="cuda")
+    generator = torch.Generator("cuda").manual_seed(0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
     try:
         for _ in range(16):
-            token = decode_step(model, token, pos, cache).argmax(-1, keepdim=True)
+            token = sample(decode_step(model, token, pos, cache), temperature, 50, generator)
             pos += 1
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -144,3 +144,55 @@ def test_a_file_that_is_not_a_model_says_what_it_is(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(UsageError, match="is a safetensors weights file, not a model"):
         load_model(tmp_path / "model.safetensors")
+
+
+# --- sampling: the softmax's distribution, and nothing that waits for the device --------------------
+
+def test_sampling_draws_from_the_softmax_of_the_top_k():
+    logits = torch.tensor([2.0, 1.5, 0.0, -1.0, 3.0, -0.5])
+    temperature, top_k, n = 0.8, 4, 200_000
+    draws = G.sample(logits.expand(n, -1), temperature, top_k, torch.Generator().manual_seed(0))[:, 0]
+    counts = torch.bincount(draws, minlength=6).double()
+    kept = logits >= logits.topk(top_k).values[-1]
+    p = torch.softmax((logits / temperature).masked_fill(~kept, float("-inf")), -1).double()
+    assert counts[~kept].sum() == 0  # outside the top k: never
+    # Each count is Binomial(n, p_i): within 5 standard deviations with probability 1 - 6e-7 per token
+    # (the seed is fixed, so the test is deterministic; the bound says it is not tuned to this seed).
+    sigma = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 5 * sigma).all(), (counts / n, p)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ():
+    model = tiny_model(4, 2)
+    prompt = list(range(1, 30))
+    runs = [generate(model, prompt, 24, offload="head", temperature=1.5, seed=s, prefill_chunk=8) for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+HOST_READS = {"_local_scalar_dense", "multinomial", "nonzero", "masked_select", "equal", "is_nonzero"}
+
+
+@pytest.mark.parametrize("offload", ["none", "layer", "head"])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_decode_step_reads_nothing_from_the_device_on_the_host(offload, temperature):
+    """On a GPU any of these ops stalls the host until the device has caught up (torch.multinomial
+    checks its input there), so the one-step-late token read would wait for every step: none may
+    run in a decode step, sampling included. Recorded on the CPU from the ops themselves."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model(4, 2)
+    cache = make_cache(plan_cache(model.args, 40, torch.float32, "cpu", offload), model.args)
+    logits = prefill(model, cache, list(range(1, 20)), chunk=8)
+    token, generator = G.sample(logits, temperature, 5, None), torch.Generator().manual_seed(0)
+    with Ops() as ops:
+        for i in range(3):
+            token = G.sample(G.decode_step(model, token, torch.tensor([19 + i]), cache), temperature, 5, generator)
+    assert "addmm" in ops.seen or "mm" in ops.seen  # the recorder saw the step
+    assert not ops.seen & HOST_READS

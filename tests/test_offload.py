@@ -32,15 +32,16 @@ def tiny_model(n_head, n_kv_head, n_layer=3, seed=0):
 
 
 @torch.no_grad()
-def logits_of(model, cache, tokens, chunk, n_decode):
-    """Chunked prefill (every position's logits) then n_decode greedy steps; all logits concatenated."""
+def logits_of(model, cache, tokens, chunk, n_decode, start=0):
+    """Chunked prefill (every position's logits) then n_decode greedy steps, at the positions from
+    `start` on (what the cache holds before); all logits concatenated."""
     out, T = [], tokens.shape[1]
     for s in range(0, T, chunk):
         part = tokens[:, s:s + chunk]
-        out.append(model(part, torch.arange(s, s + part.shape[1], device=tokens.device), cache))
+        out.append(model(part, torch.arange(start + s, start + s + part.shape[1], device=tokens.device), cache))
     token = out[-1][:, -1:].argmax(-1)
     for i in range(n_decode):
-        out.append(model(token, torch.tensor([T + i], device=tokens.device), cache))
+        out.append(model(token, torch.tensor([start + T + i], device=tokens.device), cache))
         token = out[-1][:, -1:].argmax(-1)
     return torch.cat(out, dim=1)
 
@@ -49,7 +50,9 @@ def policies(args, batch, max_len):
     """Every policy and head layout worth telling apart: group sizes, none/some/all resident."""
     slots = args.n_layer * args.n_kv_head
     yield "layer", LayerOffloadCache(args, batch, max_len, "cpu", torch.float32)
-    for group, resident in itertools.product(range(1, args.n_kv_head + 1), sorted({0, 1, slots // 2, slots})):
+    # slots - 1 resident: a single streamed unit, whose write-back and next copy follow each other
+    for group, resident in itertools.product(range(1, args.n_kv_head + 1),
+                                             sorted({0, 1, slots // 2, slots - 1, slots})):
         yield f"head g={group} r={resident}", HeadOffloadCache(args, batch, max_len, "cpu", torch.float32,
                                                                group, resident)
 
@@ -260,3 +263,53 @@ def test_prefill_mask_is_lengths_only():
     from attention import _lower_right
     assert _lower_right(8192, 1 << 20).untyped_storage().nbytes() < 1024
     assert torch.equal(_lower_right(5, 9)._materialize(), causal_lower_right(5, 9)._materialize())
+
+
+class FakeRuntime:
+    """Stands in for the CUDA runtime calls of offload.pinned_empty and _unpin, recording them."""
+
+    def __init__(self, register_error=0):
+        self.register_error, self.calls = register_error, []
+
+    def host_register(self, ptr, nbytes, flags):
+        self.calls.append(("register", nbytes, flags))
+        return self.register_error
+
+    def host_unregister(self, ptr):
+        self.calls.append(("unregister",))
+        return 0
+
+    def clear_last_error(self):
+        self.calls.append(("clear",))
+
+
+def test_pinning_registers_the_exact_size_for_every_device(monkeypatch):
+    import offload
+    runtime = FakeRuntime()
+    monkeypatch.setattr(offload, "cuda_runtime", lambda: runtime)
+    t = offload.pinned_empty(1000, torch.bfloat16)
+    assert t.numel() == 1000 and runtime.calls == [("register", 2000, offload.HOST_REGISTER_PORTABLE)]
+
+
+def test_a_failed_pinning_clears_cudas_last_error_and_says_so(monkeypatch):
+    """Left set, the error of a failed cudaHostRegister is what the next kernel launch reports."""
+    import offload
+    runtime = FakeRuntime(register_error=2)  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(offload, "cuda_runtime", lambda: runtime)
+    with pytest.raises(MemoryError, match=r"cudaHostRegister failed \(CUDA error 2\) pinning"):
+        offload.pinned_empty(1 << 20, torch.float32)
+    assert runtime.calls[-1] == ("clear",)
+
+
+def test_unpinning_unregisters_even_when_the_synchronize_fails(monkeypatch):
+    import offload
+    runtime = FakeRuntime()
+    monkeypatch.setattr(offload, "cuda_runtime", lambda: runtime)
+
+    class Broken:
+        def synchronize(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        offload._unpin(torch.empty(4), Broken())
+    assert runtime.calls == [("unregister",)]

@@ -82,3 +82,142 @@ def test_plan_cache_refuses_a_gpu_budget_without_cuda():
         plan_cache(TINY, 100, torch.float32, "cpu", "head", gpu_kv_budget=1.0)
     assert e.value.options == ("gpu_kv_budget",)
     assert plan_cache(TINY, 100, torch.float32, "cpu", "head").group_size == 1  # CPU: every head streams
+
+
+@pytest.mark.parametrize("layout,words", [
+    (dict(resident=10), "resident must be a whole number from 0 to the 6"),  # TINY: 3 layers x 2 KV heads
+    (dict(resident=-1), "resident must be"),
+    (dict(resident=2.5), "resident must be"),
+    (dict(group_size=3), "group_size must be a whole number from 1 to the model's 2 KV heads"),
+    (dict(group_size=0), "group_size must be"),
+])
+def test_a_layout_the_model_cannot_have_is_refused_up_front(layout, words):
+    """resident=10 of 6 slots once gave a plan with a negative store (and make_cache clamped, so plan
+    and cache disagreed); a group larger than the KV heads failed later with a plain ValueError."""
+    with pytest.raises(UsageError, match=words):
+        plan_memory(TINY, 64, torch.float32, "head", "cpu", group_size=layout.get("group_size"),
+                    resident=layout.get("resident"))
+
+
+@pytest.mark.parametrize("policy", ["none", "layer", "head"])
+def test_a_decode_step_outside_no_grad_gives_the_same_logits(policy):
+    """Called outside torch.no_grad(), the layer and head caches raised 'a view ... modified inplace'."""
+    from generate import decode_step, prefill
+    from tests.test_offload import tiny_model
+
+    model = tiny_model(4, 2)
+    logits = []
+    for grad in (False, True):
+        cache = make_cache(plan_cache(model.args, 40, torch.float32, "cpu", policy), model.args)
+        prefill(model, cache, list(range(1, 20)), chunk=8)
+        with torch.set_grad_enabled(grad):
+            logits.append(decode_step(model, torch.tensor([[3]]), torch.tensor([19]), cache))
+    assert torch.equal(logits[0], logits[1].detach())
+
+
+# --- activations: the plan's figure bounds what a prefill pass allocates -----------------------------
+
+class LiveBytes:
+    """Counts the bytes of the tensors that ops create and that are still alive, and their peak; the
+    model runs on the meta device, so a real shape at a real chunk costs no memory and no time."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not func.is_view:
+                    inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                    for t in torch.utils._pytree.tree_leaves(out):
+                        if isinstance(t, torch.Tensor) and t._base is None and not any(t is i for i in inputs):
+                            counter.add(t)
+                return out
+
+        self.mode, self.live, self.peak = Mode(), 0, 0
+
+    def add(self, t):
+        import weakref
+        n = t.untyped_storage().nbytes()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self.free, n)
+
+    def free(self, n):
+        self.live -= n
+
+
+class FlashAttentionCache:
+    """What a CUDA cache's attention allocates for a pass, on the meta device: the flash kernel's
+    output and fp32 log-sum-exp, a window's mask, a soft cap's fp32 key blocks (attention.py's bound);
+    the KV itself is the plan's other part. (Meta SDPA would take the math path: T x S scores.)"""
+
+    def __init__(self, args):
+        self.args, self.length = args, 0
+
+    def __call__(self, layer, q, k, v):
+        from attention import SHARED_BLOCK_BYTES
+        B, H, T, D = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, T, device=q.device)
+        window = self.args.window(layer)
+        mask = torch.empty(T, T + window - 1, dtype=torch.bool, device=q.device) if window else None
+        blocks = (torch.empty(3 * SHARED_BLOCK_BYTES, dtype=torch.uint8, device=q.device)
+                  if self.args.attn_softcap else None)
+        del lse, mask, blocks
+        return torch.cat([out[:, :1], out[:, 1:]], dim=1)  # head groups' outputs are concatenated
+
+
+def peak_of_a_pass(args, dtype, chunk):
+    from model import Transformer, rope_inv_freq
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    model.inv_freq = rope_inv_freq(args).to("meta")
+    counter = LiveBytes()
+    with torch.no_grad(), counter.mode:
+        model(torch.zeros(1, chunk, dtype=torch.long, device="meta"), torch.arange(chunk, device="meta"),
+              FlashAttentionCache(args), last_only=True)
+    return counter.peak
+
+
+@pytest.mark.parametrize("name", ["Meta-Llama-3-8B", "Qwen2.5-7B", "Gemma-2-9B", "Llama-3.2-1B", "SmolLM2-135M"])
+@pytest.mark.parametrize("chunk", [512, 8192])
+def test_the_plans_activation_figure_bounds_what_a_pass_allocates(name, chunk):
+    from planner import activation_bytes
+    args = ModelArgs.from_name(name)
+    measured = peak_of_a_pass(args, torch.bfloat16, chunk)
+    figure = activation_bytes(args, torch.bfloat16, chunk)
+    assert measured <= figure, (measured, figure)
+    assert figure <= 2 * measured  # a bound, not a guess: within 2x (Llama-3-8B at 8K: 0.93 of 1.44 GiB)
+
+
+def fake_gpu(monkeypatch, gib, weights):
+    import planner
+    monkeypatch.setattr(planner, "gpu_free_bytes", lambda device: int(gib * GiB) - weights)
+    monkeypatch.setattr(planner, "host_available_bytes", lambda: 4096 * GiB)
+
+
+def test_at_1m_tokens_on_a_24_gib_gpu_the_plan_bounds_gpu_memory_beyond_weights(monkeypatch):
+    from bench.harness import meta_weights_bytes
+    weights = meta_weights_bytes(LLAMA3_8B, torch.bfloat16)
+    fake_gpu(monkeypatch, 24, weights)
+    plan = plan_cache(LLAMA3_8B, 1 << 20, torch.bfloat16, "cuda", "head")
+    assert plan.prefill_chunk == 8192  # the default chunk fits
+    assert plan.gpu_bytes_beyond_weights <= 24 * GiB - weights
+    assert peak_of_a_pass(LLAMA3_8B, torch.bfloat16, plan.prefill_chunk) <= plan.activation_bytes
+
+
+def test_a_context_whose_buffers_need_the_room_gets_a_smaller_chunk(monkeypatch):
+    """8M tokens of Llama-3-8B: one head's two buffers are 8 GiB, which an 8K chunk's activations do
+    not leave free on a 24 GiB GPU; the planner takes the largest chunk that does, and a chunk given
+    by the user is kept (and refused if it does not fit)."""
+    from bench.harness import meta_weights_bytes
+    weights = meta_weights_bytes(LLAMA3_8B, torch.bfloat16)
+    fake_gpu(monkeypatch, 24, weights)
+    plan = plan_cache(LLAMA3_8B, 8 << 20, torch.bfloat16, "cuda", "head")
+    assert plan.prefill_chunk == 2048 and plan.buffer_bytes == 8 * GiB
+    assert plan.gpu_bytes_beyond_weights <= 24 * GiB - weights
+    with pytest.raises(UsageError, match="cannot hold the two buffers"):
+        plan_cache(LLAMA3_8B, 8 << 20, torch.bfloat16, "cuda", "head", prefill_chunk=8192)

@@ -30,7 +30,10 @@ def windowed_model(window=5, layers=(0, 2), seed=0, vocab_size=50, **variant):
 
 
 def cache_of(model, policy, max_len, batch=1):
-    plan = plan_memory(model.args, max_len, torch.float32, policy, "cpu", batch=batch, **POLICIES[policy])
+    layout = dict(POLICIES[policy])
+    if "resident" in layout:  # no more than the global layers have (none when every layer is windowed)
+        layout["resident"] = min(layout["resident"], len(model.args.global_layers) * model.args.n_kv_head)
+    plan = plan_memory(model.args, max_len, torch.float32, policy, "cpu", batch=batch, **layout)
     return make_cache(plan, model.args)
 
 
