@@ -130,11 +130,15 @@ def test_reading_the_store_waits_for_the_write_back(monkeypatch):
     model = tiny_model(6, 3)
     args = model.args
     ids, other = torch.randint(0, args.vocab_size, (2, 1, 20), generator=torch.Generator().manual_seed(5))
+    # The same passes as the cache's below (other chunkings would round differently): the first
+    # 10 tokens, then `other` at positions 10..19.
     ref = StandardCache(args, 1, 20, "cpu", torch.float32)
-    model(torch.cat([ids[:, :10], other[:, :10]], 1), torch.arange(20), ref)
+    model(ids[:, :10], torch.arange(10), ref)
+    model(other[:, :10], torch.arange(10, 20), ref)
     with StreamModel("latest", check_races=False):
         cache = LayerOffloadCache(args, 1, 20, "cpu", torch.float32)
-        model(ids, torch.arange(20), cache)
+        model(ids[:, :10], torch.arange(10), cache)
+        model(ids[:, 10:], torch.arange(10, 20), cache)  # rows that are then taken back
         cache.truncate(10)
         model(other[:, :10], torch.arange(10, 20), cache)  # the last layer's new rows: their D2H still queued
         settle = cache._settle
