@@ -26,6 +26,7 @@ every cache offers the same small surface for code that keeps a cache beyond one
 their queries over it without storing anything (shared_prefix.py). Which memory (planning) a cache
 gets is planner.py's business.
 """
+import ctypes
 import weakref
 
 import torch
@@ -459,7 +460,6 @@ class _CudaRuntime:
         return int(torch.cuda.cudart().cudaHostUnregister(ptr))
 
     def clear_last_error(self):
-        import ctypes
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
         for path in paths:  # the process's own copy: loading it again returns the same library

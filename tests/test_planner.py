@@ -1,6 +1,10 @@
 """The memory planner: adaptive grouping, residency, refusals that say what fits, and plans that caches obey."""
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from errors import UsageError
 from model import ModelArgs
@@ -117,29 +121,24 @@ def test_a_decode_step_outside_no_grad_gives_the_same_logits(policy):
 
 # --- activations: the plan's figure bounds what a prefill pass allocates -----------------------------
 
-class LiveBytes:
+class LiveBytes(TorchDispatchMode):
     """Counts the bytes of the tensors that ops create and that are still alive, and their peak; the
     model runs on the meta device, so a real shape at a real chunk costs no memory and no time."""
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.live = self.peak = 0
 
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if not func.is_view:
-                    inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-                    for t in torch.utils._pytree.tree_leaves(out):
-                        if isinstance(t, torch.Tensor) and t._base is None and not any(t is i for i in inputs):
-                            counter.add(t)
-                return out
-
-        self.mode, self.live, self.peak = Mode(), 0, 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t._base is None and not any(t is i for i in inputs):
+                    self.add(t)
+        return out
 
     def add(self, t):
-        import weakref
         n = t.untyped_storage().nbytes()
         self.live += n
         self.peak = max(self.peak, self.live)
@@ -176,7 +175,7 @@ def peak_of_a_pass(args, dtype, chunk):
         model = Transformer(args).to(dtype)
     model.inv_freq = rope_inv_freq(args).to("meta")
     counter = LiveBytes()
-    with torch.no_grad(), counter.mode:
+    with torch.no_grad(), counter:
         model(torch.zeros(1, chunk, dtype=torch.long, device="meta"), torch.arange(chunk, device="meta"),
               FlashAttentionCache(args), last_only=True)
     return counter.peak
