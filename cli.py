@@ -20,6 +20,7 @@ from errors import UsageError, end_answer_line, say, write_answer
 from planner import CPU_PREFILL_CHUNK, DEFAULT_PREFILL_CHUNK, POLICIES, fmt_bytes
 from prompt_cache import check_prompt_cache_path
 from run import check_compile
+from speculative import DEFAULT_DRAFT_WINDOW, DEFAULT_K, SINKS, SPECULATE, check_speculation
 
 DEFAULT_PROMPT = "What is the capital of France?"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,6 +103,17 @@ def build_parser() -> ArgumentParser:
                    help="torch.compile the decode step; the first step then takes up to a minute. MODE: default or "
                         "max-autotune-no-cudagraphs; the CUDA-graph modes (reduce-overhead, max-autotune) are refused "
                         "(default: off)")
+    p.add_argument("--speculate", choices=SPECULATE, default=None,
+                   help="speculative decoding, the same tokens several per pass: lookup (drafts copied from the prompt "
+                        "and answer) or self (the model over a small cache of --draft-window tokens) (default: off)")
+    p.add_argument("--draft-checkpoint", metavar="SRC",
+                   help="speculative decoding with a smaller draft model of the same vocabulary, any kind "
+                        "--checkpoint takes (default: none)")
+    p.add_argument("--speculate-k", type=positive_int, default=DEFAULT_K, metavar="K",
+                   help=f"most drafted tokens per verification pass (default: {DEFAULT_K})")
+    p.add_argument("--draft-window", type=positive_int, default=DEFAULT_DRAFT_WINDOW, metavar="W",
+                   help=f"tokens a self or draft-model draft attends to: {SINKS} sinks and the most recent ones "
+                        f"(default: {DEFAULT_DRAFT_WINDOW})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="of the weights, activations and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
@@ -131,6 +143,29 @@ def check_flags(opts):
         check_prompt_cache_is_its_own(opts)
         check_prompt_cache_path(opts.prompt_cache, opts.prompt_cache_ro)
     check_questions_flags(opts)
+    check_speculation_flags(opts)
+
+
+def check_speculation_flags(opts):
+    """What speculative decoding does not combine with, refused before the model loads; the flags that
+    would change nothing without it said so."""
+    if opts.speculate is not None and opts.draft_checkpoint is not None:
+        raise UsageError(f"--draft-checkpoint is its own drafter; drop --speculate {opts.speculate}",
+                         ("speculate", "draft_checkpoint"))
+    speculate = "draft" if opts.draft_checkpoint is not None else opts.speculate
+    if speculate is None:
+        for flag, given in (("--speculate-k", opts.speculate_k != DEFAULT_K),
+                            ("--draft-window", opts.draft_window != DEFAULT_DRAFT_WINDOW)):
+            if given:
+                say(f"note: {flag} has no effect without --speculate or --draft-checkpoint")
+        return
+    if opts.questions_file is not None:
+        raise UsageError("speculative decoding does not combine with --questions-file: its questions decode "
+                         "together, one token each per step", ("speculate", "questions_file"))
+    if opts.draft_checkpoint is not None and tensor_parallel.launched():
+        raise UsageError("--draft-checkpoint does not run under torchrun; --speculate lookup or self do",
+                         ("draft_checkpoint",))
+    check_speculation(speculate, opts.speculate_k, opts.draft_window, opts.compile, None, None)
 
 
 def check_prompt_cache_is_its_own(opts):
@@ -310,7 +345,9 @@ def stats_line(stats, what: str, new_tokens: int, rate_of: str = "") -> str:
     where = (f"{fmt_bytes(stats['kv_bytes_gpu'])} on GPU / {fmt_bytes(stats['kv_bytes_cpu'])} in host RAM"
              if stats["plan"]["device"].startswith("cuda") else f"{fmt_bytes(stats['kv_bytes_cpu'])} in RAM (CPU run)")
     ranks = f" per rank ({stats['tp_ranks']} ranks)" if stats["tp_ranks"] > 1 else ""
-    return (f"{what}{reused}, prefill {prefill}, {plural(new_tokens, 'new token')}{first}{rate}; "
+    passes = (f" ({stats['tokens_per_pass']:.2f} tokens per pass, {stats['speculate']} drafts, "
+              f"k={stats['speculate_k']})" if stats.get("tokens_per_pass") else "")
+    return (f"{what}{reused}, prefill {prefill}, {plural(new_tokens, 'new token')}{first}{rate}{passes}; "
             f"offload={stats['offload']}, KV {where}{ranks}{peak}")
 
 

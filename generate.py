@@ -27,15 +27,19 @@ from tqdm import tqdm
 
 import tensor_parallel
 from chat import Conversation, prompt_text
-from checkpoint import load_model, resolve_device
+from checkpoint import load_draft_model, load_model, resolve_device
 from cli import (DEFAULT_PROMPT, Answer, check_context, check_flags, fail, join_tensor_parallel, parse_args,
                  read_prompt_file, read_questions, read_turns, report, report_many, settings, use_chat)
 from errors import UsageError, say
 from model import Transformer
 from planner import default_prefill_chunk, make_cache, plan_cache
 from prompt_cache import check_prompt_cache, load_or_note, save_or_warn
-from run import Run, check_compile, check_continues, check_ctx_size, check_questions, check_request, check_room
+from run import (Run, check_compile, check_continues, check_ctx_size, check_questions, check_request, check_rollback,
+                 check_room)
+from sampling import accept, sample
 from shared_prefix import SharedPrefixCache, shared_length
+from speculative import (DEFAULT_DRAFT_WINDOW, DEFAULT_K, SPECULATION_COUNTS, DraftLength, Tap, check_speculation,
+                         draft_bytes, make_drafter)
 
 PROGRESS_DELAY_S = 2.0  # a prefill shows its progress bar once it has taken this long
 
@@ -65,26 +69,6 @@ def prefill(model: Transformer, cache, prompt_ids, chunk: int | None = None, pro
             logits = model(tokens[:, s:e], torch.arange(start + s, start + e, device=device), cache, last_only=True)
             bar.update(e - s)
     return logits[:, -1]
-
-
-def sample(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
-    """Next token [B, 1] from logits [B, vocab]: greedy at temperature 0, else top-k sampling.
-
-    Sampling is an exponential race: with E_i ~ Exp(1) drawn for every token, E_i / p_i is exponential
-    with rate p_i, and the smallest of such is token i's with probability p_i / sum(p), so argmax p / E
-    draws from p. Unlike torch.multinomial, which checks its input on the host, nothing here waits for
-    the device: the next step is queued while this one runs (decode reads each token one step late).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    p = torch.softmax(logits, dim=-1)
-    # E > 0: a zero would turn a masked token's 0 / E into NaN, which argmax takes as the largest.
-    race = torch.empty_like(p).exponential_(generator=generator).clamp_(min=torch.finfo(p.dtype).tiny)
-    return (p / race).argmax(dim=-1, keepdim=True)
 
 
 def decode_step(model, token: Tensor, input_pos: Tensor, cache) -> Tensor:
@@ -131,6 +115,52 @@ def decode(model: Transformer, cache, logits: Tensor, max_new_tokens: int, tempe
         yield _read(pending)
         if more and i < 2:
             token = next_token(token)
+
+
+@torch.no_grad()
+def speculative_decode(model: Transformer, cache, logits: Tensor, max_new_tokens: int, ids: list[int], drafter,
+                       speculate_k: int = DEFAULT_K, temperature: float = 0.0, top_k: int | None = None,
+                       generator: torch.Generator | None = None, counts: dict | None = None) -> Iterator[int]:
+    """decode(), with the tokens checked several at a time: yields the same ids greedily, and draws from
+    the same distribution when sampling (sampling.accept). `ids`: the prompt (what the cache holds),
+    which the drafter reads; `drafter` (speculative.make_drafter) proposes up to speculate_k tokens
+    (fewer while its drafts keep failing: speculative.DraftLength), and one forward pass of the last
+    token and the drafts through `cache` (a prefill chunk of k + 1 tokens: a streamed head group is
+    copied once for all of them) gives the model's logits after each. The cache is then truncated to
+    what was accepted. counts, if given, is kept current: verify_passes, drafted_tokens, accepted_tokens,
+    and tokens_per_pass (the tokens the passes yielded, per pass).
+
+    Stop whenever you like: the cache then holds the prompt and every token yielded so far but the
+    last, and possibly accepted tokens not yet yielded; truncate it to what you keep.
+    """
+    check_room(cache, max_new_tokens)
+    ids, device = list(ids), logits.device
+    counts = {} if counts is None else counts
+    counts.update(verify_passes=0, drafted_tokens=0, accepted_tokens=0, tokens_per_pass=None)
+    length = DraftLength(speculate_k)
+    token = int(sample(logits, temperature, top_k, generator))
+    ids.append(token)
+    yield token
+    done = 1
+    while done < max_new_tokens:
+        room = min(length.next(), max_new_tokens - done - 1, cache.max_len - cache.length - 1)
+        drafts, q = drafter.propose(ids, room) if room > 0 else ([], None)
+        start, tap = cache.length, Tap(cache)
+        tokens = torch.tensor([ids[-1:] + drafts], device=device)
+        logits = model(tokens, torch.arange(start, start + tokens.shape[1], device=device), tap)[0]
+        new = accept(logits, drafts, q, temperature, top_k, generator)
+        cache.truncate(start + len(new))  # the pass's first token and the accepted drafts
+        drafter.update(start, len(new), tap.kv)
+        length.update(len(drafts), len(new) - 1)
+        counts["verify_passes"] += 1
+        counts["drafted_tokens"] += len(drafts)
+        counts["accepted_tokens"] += len(new) - 1
+        new = new[:max_new_tokens - done]
+        counts["tokens_per_pass"] = (done - 1 + len(new)) / counts["verify_passes"]
+        for token in new:
+            ids.append(token)
+            done += 1
+            yield token
 
 
 def _to_host(token: Tensor):
@@ -212,7 +242,9 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
              temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
              prefill_chunk: int | None = None, gpu_kv_budget: float | None = None, compile: bool | str = False,
              stop_ids=(), on_token=None, stats: dict | None = None, progress: bool = False,
-             ctx_size: int | None = None, cache=None, prompt_cache=None, prompt_cache_ro: bool = False) -> list[int]:
+             ctx_size: int | None = None, cache=None, prompt_cache=None, prompt_cache_ro: bool = False,
+             speculate: str | None = None, speculate_k: int = DEFAULT_K, draft_model: Transformer | None = None,
+             draft_window: int = DEFAULT_DRAFT_WINDOW) -> list[int]:
     """Prefill the prompt in chunks, then decode up to max_new_tokens; returns the new token ids.
 
     offload: none | layer | head. gpu_kv_budget: GiB of KV the GPU may hold (default: what is free
@@ -230,28 +262,49 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     prompt_ids is loaded instead of computed (a file that cannot be used is said so in one line on
     stderr, and ignored), and after the answer the prompt's KV is written back unless
     prompt_cache_ro. With a cache of your own, it must be empty.
+
+    Speculative decoding (speculative_decode; the same greedy tokens, the same distribution when
+    sampling): speculate "lookup" (drafts copied from the prompt and answer), "self" (the model itself
+    over a small cache of draft_window tokens) or "draft" (draft_model, a smaller model with the same
+    vocabulary; giving it is enough), up to speculate_k drafts per pass. A cache of your own must have
+    been planned with rollback=speculate_k if the model has sliding-window layers. stats then also
+    holds verify_passes, drafted_tokens, accepted_tokens and tokens_per_pass.
     """
     check_request(model, prompt_ids, max_new_tokens, temperature, top_k, prefill_chunk, ctx_size)
     check_compile(compile)
     check_prompt_cache(model.args, prompt_cache, prompt_cache_ro)
+    speculate = "draft" if speculate is None and draft_model is not None else speculate
+    check_speculation(speculate, speculate_k, draft_window, compile, model, draft_model)
     device, dtype, generator = setup(model, seed)
+    rollback = speculate_k if speculate else 0
     if cache is None:
         max_new_tokens = min(max_new_tokens, (ctx_size or model.args.max_seq_len) - len(prompt_ids))
         plan = plan_cache(model.args, ctx_size or len(prompt_ids) + max_new_tokens, dtype, device, offload,
-                          gpu_kv_budget, prefill_chunk)
+                          gpu_kv_budget, prefill_chunk, rollback=rollback,
+                          draft_bytes=draft_bytes(speculate, model, draft_model, draft_window, speculate_k,
+                                                  prefill_chunk or default_prefill_chunk(device),
+                                                  ctx_size or len(prompt_ids) + max_new_tokens))
     else:
         check_continues(cache, prompt_ids)
+        check_rollback(cache, rollback)
         plan, max_new_tokens = cache.plan, min(max_new_tokens, cache.max_len - len(prompt_ids))
     chunk = prefill_chunk or plan.prefill_chunk
     new_ids = []
-    with Run(device, plan, chunk, stats, prompt_tokens=len(prompt_ids), reused_tokens=0) as run:
+    with Run(device, plan, chunk, stats, prompt_tokens=len(prompt_ids), reused_tokens=0, speculate=speculate,
+             speculate_k=speculate_k if speculate else None, **SPECULATION_COUNTS) as run:
         cache = run.allocate(model.args, progress) if cache is None else cache
         if compile and progress:
             say("compiling the decode step: its first run takes seconds to a minute")
         run.phase = "prefill"
         logits, run.fields["reused_tokens"], save = prefill_prompt(model, cache, prompt_ids, chunk, progress,
                                                                     prompt_cache, prompt_cache_ro)
-        for token in decode(model, cache, logits, max_new_tokens, temperature, top_k, generator, compile):
+        drafter = make_drafter(speculate, model, cache, speculate_k, draft_window, temperature, top_k, generator,
+                               draft_model, chunk)
+        tokens = (decode(model, cache, logits, max_new_tokens, temperature, top_k, generator, compile)
+                  if drafter is None else
+                  speculative_decode(model, cache, logits, max_new_tokens, prompt_ids, drafter, speculate_k,
+                                     temperature, top_k, generator, counts=run.fields))
+        for token in tokens:
             new_ids.append(token)
             run.step(cache.length)
             if on_token is not None:
@@ -262,7 +315,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
         if save:
             run.phase = "saving"  # the answer is complete; a Ctrl-C now leaves the old file as it was
             save_or_warn(cache, prompt_cache, model, prompt_ids, progress)
-    cache = None  # a cache made here is freed before a failure is raised again (its traceback holds this frame)
+    cache = drafter = tokens = None  # freed before a failure is raised again (its traceback holds this frame)
     run.raise_failure()
     return new_ids
 
@@ -296,7 +349,8 @@ def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list
     chunk = plan.prefill_chunk
     answers, counts = [[] for _ in suffixes], [0] * B
     with Run(device, plan, chunk, stats, prefix_tokens=len(prefix_ids), question_tokens=[len(q) for q in suffixes],
-             reused_tokens=0, answer_tokens=counts, question_kv_bytes=None) as run:
+             reused_tokens=0, answer_tokens=counts, question_kv_bytes=None, speculate=None, speculate_k=None,
+             **SPECULATION_COUNTS) as run:
         cache = run.allocate(model.args, progress, f"; {B} questions of up to {longest} tokens on top")
         run.phase = "prefill"
         _, run.fields["reused_tokens"], save = prefill_prompt(model, cache, prefix_ids, chunk, progress,
@@ -341,9 +395,13 @@ def main(argv=None):
     # Under torchrun rank 0 reads the files for all: stdin reaches one rank only.
     document, questions = tensor_parallel.from_rank0(lambda: (read_prompt_file(opts), read_questions(opts)))
     model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype, tp=tp)
+    draft = None if opts.draft_checkpoint is None else load_draft_model(opts.draft_checkpoint, tokenizer, device, dtype)
+    speculation = dict(speculate=opts.speculate, speculate_k=opts.speculate_k, draft_model=draft,
+                       draft_window=opts.draft_window)
     chat = use_chat(opts, tokenizer)
     if opts.interactive:
-        return interactive(model, tokenizer, opts, chat, offload, opening=document or "", first_question=opts.prompt)
+        return interactive(model, tokenizer, opts, chat, offload, speculation, opening=document or "",
+                           first_question=opts.prompt)
     if questions is not None:
         return ask_many(model, tokenizer, opts, chat, offload, document or "", questions)
     if document is not None and opts.prompt is not None:  # a document, then the question about it
@@ -358,7 +416,7 @@ def main(argv=None):
                  top_k=opts.top_k, seed=opts.seed, prefill_chunk=opts.prefill_chunk,
                  gpu_kv_budget=opts.gpu_kv_budget, compile=opts.compile, stop_ids=tokenizer.stop_ids,
                  on_token=answer.add, stats=stats, progress=True, ctx_size=opts.ctx_size,
-                 prompt_cache=opts.prompt_cache, prompt_cache_ro=opts.prompt_cache_ro)
+                 prompt_cache=opts.prompt_cache, prompt_cache_ro=opts.prompt_cache_ro, **speculation)
         finished = True
     finally:  # also on Ctrl-C: what was generated stays printed, with the stats so far
         if finished or not tensor_parallel.failed_elsewhere():  # a peer's failure: its one line says it all
@@ -385,7 +443,8 @@ def ask_many(model, tokenizer, opts, chat: bool, offload: str, document: str, qu
             report_many(opts, tokenizer, questions, answers, stats)
 
 
-def interactive(model, tokenizer, opts, chat: bool, offload: str, opening: str, first_question: str | None):
+def interactive(model, tokenizer, opts, chat: bool, offload: str, speculation: dict, opening: str,
+                first_question: str | None):
     """-i: one user turn per stdin line (chat.Conversation), over one cache planned once for
     opts.ctx_size tokens (default: the model's max_seq_len). The opening is prefilled (and taken from /
     saved to the prompt cache) before the first question; a turn that would pass ctx_size is refused,
@@ -397,8 +456,13 @@ def interactive(model, tokenizer, opts, chat: bool, offload: str, opening: str, 
     if len(conv.ids) >= ctx:
         raise UsageError(f"the opening has {len(conv.ids)} tokens; ctx_size is {ctx}", ("prompt_file", "ctx_size"))
     device, dtype, _ = setup(model, None)
+    s = speculation
+    speculate = "draft" if s["draft_model"] is not None else s["speculate"]
+    room = draft_bytes(speculate, model, s["draft_model"], s["draft_window"], s["speculate_k"],
+                       opts.prefill_chunk or default_prefill_chunk(device), ctx)
     try:
-        plan = plan_cache(model.args, ctx, dtype, device, offload, opts.gpu_kv_budget, opts.prefill_chunk)
+        plan = plan_cache(model.args, ctx, dtype, device, offload, opts.gpu_kv_budget, opts.prefill_chunk,
+                          rollback=s["speculate_k"] if speculate else 0, draft_bytes=room)
     except UsageError as e:  # the session's size is the knob that fits it
         raise UsageError(str(e), e.options + ("ctx_size",)) from None
     chunk = plan.prefill_chunk
@@ -417,10 +481,11 @@ def interactive(model, tokenizer, opts, chat: bool, offload: str, opening: str, 
             cache.truncate(min(cache.length, len(conv.ids)))
             say("(conversation cleared; the opening is kept)")
         elif question:
-            chat_turn(model, tokenizer, opts, conv, cache, ctx, chunk, question)
+            chat_turn(model, tokenizer, opts, conv, cache, ctx, chunk, question, speculation)
 
 
-def chat_turn(model, tokenizer, opts, conv: Conversation, cache, ctx: int, chunk: int, question: str):
+def chat_turn(model, tokenizer, opts, conv: Conversation, cache, ctx: int, chunk: int, question: str,
+              speculation: dict):
     """One turn of -i: the question appended, the answer streamed; the conversation keeps both."""
     length, turns = len(conv.ids), conv.turns
     conv.ask(question)
@@ -433,7 +498,7 @@ def chat_turn(model, tokenizer, opts, conv: Conversation, cache, ctx: int, chunk
     try:
         generate(model, conv.ids, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
                  seed=opts.seed, prefill_chunk=chunk, compile=opts.compile, stop_ids=tokenizer.stop_ids,
-                 on_token=answer.add, stats=stats, progress=True, cache=cache)
+                 on_token=answer.add, stats=stats, progress=True, cache=cache, **speculation)
     except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
         pass
     except UsageError as e:  # out of GPU memory: this turn fails, the conversation so far stands

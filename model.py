@@ -200,6 +200,26 @@ class RMSNorm(nn.Module):
         return self.weight * xf.type_as(x)
 
 
+# A few rows through a linear layer on the CPU (a verification pass of speculative decoding, a short
+# prefill chunk): MKL multiplies x @ W^T for 2-16 rows at 1.5-2x the cost of one row, though both read
+# the weight once; W @ x^T, the same product with the weight on the left, costs about what one row
+# does (bench/NOTES.md, "The verification pass"). One row and many rows keep F.linear.
+FEW_ROWS = 16
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    rows = x.shape[:-1].numel()
+    if x.device.type != "cpu" or not 1 < rows <= FEW_ROWS:
+        return F.linear(x, weight, bias)
+    y = (weight @ x.reshape(rows, -1).mT).mT.contiguous().view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+class Linear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def softcap(x: Tensor, cap: float | None) -> Tensor:
     """Gemma-2's soft cap: cap * tanh(x / cap), smooth and bounded by cap (identity when cap is None)."""
     return x if cap is None else torch.tanh(x / cap) * cap
@@ -211,8 +231,8 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
         qkv_dim = (args.n_head + 2 * args.n_kv_head) * args.head_dim
-        self.wqkv = nn.Linear(args.dim, qkv_dim, bias=args.qkv_bias)
-        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, qkv_dim, bias=args.qkv_bias)
+        self.wo = Linear(args.n_head * args.head_dim, args.dim, bias=False)
         # Qwen3: one norm over head_dim for the queries and one for the keys, shared by the heads
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
@@ -235,9 +255,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+        self.w1 = Linear(args.dim, args.intermediate_size, bias=False)  # gate
+        self.w3 = Linear(args.dim, args.intermediate_size, bias=False)  # up
+        self.w2 = Linear(args.intermediate_size, args.dim, bias=False)  # down
         self.activation = ACTIVATIONS[args.mlp_activation]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -273,7 +293,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
-        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if args.tie_word_embeddings else Linear(args.dim, args.vocab_size, bias=False)
         # Only the frequencies are precomputed: a cos/sin table for millions of positions would
         # cost GiBs of GPU memory, which is what offloading the KV cache is meant to save.
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
@@ -296,4 +316,4 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return softcap(F.linear(x, head).float(), self.args.final_softcap)
+        return softcap(linear(x, head).float(), self.args.final_softcap)

@@ -40,15 +40,17 @@ class KVCache:
     """Shared plumbing: position bookkeeping, the public read/write surface, and the opaque op that
     torch.compile sees. Subclasses say where each layer's heads live (`_parts`) and how to attend."""
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype, rollback: int = 0):
         self.args, self.batch, self.max_len = args, batch, max_len
         self.device, self.dtype = torch.device(device), dtype
         self.rep = args.n_head // args.n_kv_head
         self.variant = dict(scale=args.attention_scale, softcap=args.attn_softcap)  # every layer's attention
         self.length = 0  # tokens stored in every layer; read it, change it with write/truncate
         # The sliding-window layers keep their last tokens in rings of their own, whatever the policy;
-        # the policy holds the global layers (args.global_layers).
-        self.windows = SlidingWindows(args, batch, max_len, self.device, dtype) if args.sliding_layers else None
+        # the policy holds the global layers (args.global_layers). rollback: the positions a truncate
+        # may take back after a verification pass of speculative decoding, which the rings keep too.
+        self.windows = (SlidingWindows(args, batch, max_len, self.device, dtype, rollback) if args.sliding_layers
+                        else None)
         self.handle = _register(self)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -156,8 +158,8 @@ class KVCache:
 class StandardCache(KVCache):
     """All K/V preallocated on the device: [global layer][B, max_len, n_kv, D], token-major like the offload store."""
 
-    def __init__(self, args, batch, max_len, device, dtype):
-        super().__init__(args, batch, max_len, device, dtype)
+    def __init__(self, args, batch, max_len, device, dtype, rollback: int = 0):
+        super().__init__(args, batch, max_len, device, dtype, rollback)
         self.slot = {layer: i for i, layer in enumerate(args.global_layers)}
         shape = (len(self.slot), batch, max_len, args.n_kv_head, args.head_dim)
         self.k = host_or_device_empty(shape, self.device, dtype)
@@ -194,8 +196,8 @@ class HeadOffloadCache(KVCache):
     group's copy.
     """
 
-    def __init__(self, args, batch, max_len, device, dtype, group_size: int, resident):
-        super().__init__(args, batch, max_len, device, dtype)
+    def __init__(self, args, batch, max_len, device, dtype, group_size: int, resident, rollback: int = 0):
+        super().__init__(args, batch, max_len, device, dtype, rollback)
         n_kv, D = args.n_kv_head, args.head_dim
         if isinstance(resident, int):
             resident = spread_resident(resident, args)
@@ -475,8 +477,8 @@ def cuda_runtime():
 class LayerOffloadCache(HeadOffloadCache):
     """The layer-wise offload baseline: each layer's whole KV is one streamed unit, nothing resident."""
 
-    def __init__(self, args, batch, max_len, device, dtype):
-        super().__init__(args, batch, max_len, device, dtype, group_size=args.n_kv_head, resident=0)
+    def __init__(self, args, batch, max_len, device, dtype, rollback: int = 0):
+        super().__init__(args, batch, max_len, device, dtype, group_size=args.n_kv_head, resident=0, rollback=rollback)
 
 
 class SlidingWindows:
@@ -488,12 +490,15 @@ class SlidingWindows:
     Decode writes the new token over the oldest and attends over the whole ring, without a mask: it
     holds exactly the window (in ring order, which the softmax does not see). A prefill chunk
     attends over the window before it, gathered in position order, then its own tokens, with the
-    window's mask; then its last W tokens replace the ring's oldest.
+    window's mask; then its last W tokens replace the ring's oldest. With `rollback` rows more (for
+    speculative decoding: a truncate may take back that many positions, and the window before them must
+    still be there), a ring holds more than the window, and decode takes the prefill chunk's way.
     """
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 rollback: int = 0):
         self.window = args.sliding_window
-        self.size = min(args.sliding_window, max_len)  # rows per ring: no more than the cache can ever hold
+        self.size = min(args.sliding_window + rollback, max_len)  # rows per ring: no more than the cache can hold
         self.ring = {layer: i for i, layer in enumerate(args.sliding_layers)}
         shape = (len(self.ring), batch, self.size, args.n_kv_head, args.head_dim)
         self.k = host_or_device_empty(shape, device, dtype)
@@ -509,7 +514,7 @@ class SlidingWindows:
         KVCache.attend (k/v [B, n_kv, T, D]), storing them."""
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, T, n_kv, D], token-major like the ring
         T = k.shape[1]
-        if T == 1:
+        if T == 1 and min(start + 1, self.size) <= self.window:  # the ring holds the window and nothing else
             i = self.ring[layer]
             self._check_holds(layer, max(0, start - self.window + 1), start, start)
             self.k[i, :, start % self.size], self.v[i, :, start % self.size] = k[:, 0], v[:, 0]

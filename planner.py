@@ -59,6 +59,8 @@ class Plan:
     prefill_chunk: int        # prompt tokens per forward pass
     activation_bytes: int     # the most a pass of prefill_chunk tokens holds beside weights and KV
     ranks: int = 1            # tensor-parallel ranks: each holds such a plan for its 1/ranks of the KV heads
+    rollback: int = 0         # positions a verification pass may take back: the windows' rings hold this many more
+    draft_bytes: int = 0      # a drafter's own cache on the compute device (speculative decoding)
 
     @property
     def on_gpu(self) -> bool:
@@ -75,7 +77,7 @@ class Plan:
     @property
     def gpu_bytes_beyond_weights(self) -> int:
         """What the run holds on the GPU besides the weights, at most: the KV part and one pass's activations."""
-        return self.gpu_bytes + self.activation_bytes if self.on_gpu else 0
+        return self.gpu_bytes + self.activation_bytes + self.draft_bytes if self.on_gpu else 0
 
     @property
     def host_bytes(self) -> int:
@@ -108,7 +110,8 @@ class Plan:
 
 def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, device="cuda", batch: int = 1,
                 gpu_budget: int | None = None, host_available: int | None = None,
-                group_size: int | None = None, resident: int | None = None, prefill_chunk: int | None = None) -> Plan:
+                group_size: int | None = None, resident: int | None = None, prefill_chunk: int | None = None,
+                rollback: int = 0) -> Plan:
     """Decide where the KV cache goes, before anything is allocated.
 
     gpu_budget: bytes of KV the device may hold (resident slots + ping-pong buffers); None is
@@ -118,8 +121,9 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
     Adaptive grouping (paper Sec. 4.3): the largest group whose two ping-pong buffers take at most a
     quarter of the budget, so short contexts stream whole layers and the longest single heads; the
     rest of the budget keeps (layer, head) slots resident, and those need no transfer at all.
-    Sliding-window layers hold rings of min(window, max_len) tokens on the device (offload.SlidingWindows),
-    whatever the policy; they take their share of the budget first.
+    Sliding-window layers hold rings of min(window + rollback, max_len) tokens on the device
+    (offload.SlidingWindows), whatever the policy; they take their share of the budget first. rollback:
+    the positions a verification pass of speculative decoding may take back (its drafts).
     """
     if policy not in POLICIES:
         raise UsageError(f"unknown offload policy {policy!r}; choose one of {', '.join(POLICIES)}", ("offload",))
@@ -132,7 +136,8 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
     token_bytes = 2 * batch * args.head_dim * dtype.itemsize  # K and V of one head for one token
     slot_bytes = max_len * token_bytes                          # one (layer, head) slot
     total = slots * slot_bytes
-    windows = len(args.sliding_layers) * n_kv * min(args.sliding_window or 0, max_len) * token_bytes
+    ring = min((args.sliding_window or 0) + rollback, max_len) if args.sliding_layers else 0
+    windows = len(args.sliding_layers) * n_kv * ring * token_bytes
     budget = float("inf") if gpu_budget is None else gpu_budget
     if windows > budget:
         raise UsageError(f"the {len(args.sliding_layers)} sliding-window layers need {fmt_bytes(windows)} on the "
@@ -141,7 +146,7 @@ def plan_memory(args: ModelArgs, max_len: int, dtype: torch.dtype, policy: str, 
     budget -= windows
     chunk = prefill_chunk or default_prefill_chunk(device)
     layout = dict(policy=policy, device=str(device), dtype=dtype, batch=batch, max_len=max_len, total_slots=slots,
-                  kv_bytes=total + windows, window_bytes=windows, prefill_chunk=chunk,
+                  kv_bytes=total + windows, window_bytes=windows, prefill_chunk=chunk, rollback=rollback,
                   activation_bytes=activation_bytes(args, dtype, min(chunk, max_len), batch))
 
     if policy == "none":
@@ -270,7 +275,7 @@ def question_bytes(args: ModelArgs, dtype, n_questions: int, longest: int, room:
 
 def plan_cache(args: ModelArgs, max_len: int, dtype, device, policy: str, gpu_kv_budget: float | None = None,
                prefill_chunk: int | None = None, batch: int = 1,
-               questions: tuple[int, int, int] | None = None) -> Plan:
+               questions: tuple[int, int, int] | None = None, rollback: int = 0, draft_bytes: int = 0) -> Plan:
     """The cache plan for a run on this machine, checked against host RAM and (on CUDA) the GPU memory
     left free by the weights and one prefill chunk's activations. gpu_kv_budget is in GiB; by default
     the KV may take all of that free memory. prefill_chunk: by default, on CUDA the largest of
@@ -283,12 +288,16 @@ def plan_cache(args: ModelArgs, max_len: int, dtype, device, policy: str, gpu_kv
 
     In a tensor-parallel group (tensor_parallel.py) every rank plans its own shard (args is the
     shard's shape) with its own GPU and its share of host RAM, all at once before any allocates, and
-    a plan refused on one rank is refused on all."""
+    a plan refused on one rank is refused on all.
+
+    Speculative decoding: rollback, the drafts a verification pass may take back (plan_memory);
+    draft_bytes, the drafter's own cache on the compute device, set aside like the questions' caches."""
     return agree(lambda: _plan_cache(args, max_len, dtype, device, policy, gpu_kv_budget, prefill_chunk, batch,
-                                     questions))
+                                     questions, rollback, draft_bytes))
 
 
-def _plan_cache(args, max_len, dtype, device, policy, gpu_kv_budget, prefill_chunk, batch, questions) -> Plan:
+def _plan_cache(args, max_len, dtype, device, policy, gpu_kv_budget, prefill_chunk, batch, questions, rollback,
+                draft_bytes) -> Plan:
     device = torch.device(device)
     if gpu_kv_budget is not None and not gpu_kv_budget >= 0:
         raise UsageError(f"gpu_kv_budget must be >= 0 GiB, got {gpu_kv_budget}", ("gpu_kv_budget",))
@@ -301,24 +310,28 @@ def _plan_cache(args, max_len, dtype, device, policy, gpu_kv_budget, prefill_chu
         own = question_bytes(args, dtype, *questions, chunk)[0] if questions else 0
         if host is not None:
             _check_questions(questions, own, own, host, "host RAM")
-            host -= own
+            _check_draft(draft_bytes, host - own, "host RAM")
+            host -= own + draft_bytes
         # On the CPU, head offload shows the method itself: every head streamed.
         overrides = dict(group_size=1, resident=0) if policy == "head" else {}
         plan = plan_memory(args, max_len, dtype, policy, device, batch, host_available=host, prefill_chunk=chunk,
-                           **overrides)
-        return replace(plan, ranks=ranks())
+                           rollback=rollback, **overrides)
+        return replace(plan, ranks=ranks(), draft_bytes=draft_bytes)
     free = gpu_free_bytes(device)
     chunks = [prefill_chunk] if prefill_chunk else CHUNK_CHOICES
     for chunk in chunks:
         try:
-            return replace(_plan_gpu(args, max_len, dtype, device, policy, gpu_kv_budget, chunk, batch, questions,
-                                     free, host), ranks=ranks())
+            _check_draft(draft_bytes, free, f"GPU {device}")
+            plan = _plan_gpu(args, max_len, dtype, device, policy, gpu_kv_budget, chunk, batch, questions,
+                             free - draft_bytes, host, rollback)
+            return replace(plan, ranks=ranks(), draft_bytes=draft_bytes)
         except UsageError:
             if chunk == chunks[-1]:  # the smallest chunk's refusal is the one to say
                 raise
 
 
-def _plan_gpu(args, max_len, dtype, device, policy, gpu_kv_budget, chunk, batch, questions, free, host) -> Plan:
+def _plan_gpu(args, max_len, dtype, device, policy, gpu_kv_budget, chunk, batch, questions, free, host,
+              rollback) -> Plan:
     # The prefix is prefilled first, then the questions' caches live through their passes.
     own, question_pass = question_bytes(args, dtype, *questions, chunk) if questions else (0, 0)
     questions_need = own + question_pass
@@ -330,7 +343,7 @@ def _plan_gpu(args, max_len, dtype, device, policy, gpu_kv_budget, chunk, batch,
         raise UsageError(f"a GPU KV budget of {gpu_kv_budget} GiB exceeds the {fmt_bytes(available)} free on "
                          f"{device} after the weights and one prefill chunk's activations", ("gpu_kv_budget",))
     return plan_memory(args, max_len, dtype, policy, device, batch, gpu_budget=budget, host_available=host,
-                       prefill_chunk=chunk)
+                       prefill_chunk=chunk, rollback=rollback)
 
 
 def _check_questions(questions, own: int, need: int, free: int, where: str):
@@ -341,17 +354,23 @@ def _check_questions(questions, own: int, need: int, free: int, where: str):
                          f"fewer questions or fewer new tokens would fit", ("max_new_tokens",))
 
 
+def _check_draft(draft_bytes: int, free: int | None, where: str):
+    if draft_bytes and free is not None and draft_bytes > free:
+        raise UsageError(f"the drafter's cache needs {fmt_bytes(draft_bytes)} in {where} but {fmt_bytes(free)} is "
+                         f"free; a smaller draft_window needs less", ("draft_window",))
+
+
 def make_cache(plan: Plan, args: ModelArgs) -> KVCache:
     """Allocate the cache a plan describes (it keeps the plan as `cache.plan`); running out of GPU
     memory or of lockable host memory here is reported in one line with the plan."""
     try:
         if plan.policy == "none":
-            cache = StandardCache(args, plan.batch, plan.max_len, plan.device, plan.dtype)
+            cache = StandardCache(args, plan.batch, plan.max_len, plan.device, plan.dtype, rollback=plan.rollback)
         elif plan.policy == "layer":
-            cache = LayerOffloadCache(args, plan.batch, plan.max_len, plan.device, plan.dtype)
+            cache = LayerOffloadCache(args, plan.batch, plan.max_len, plan.device, plan.dtype, rollback=plan.rollback)
         else:
             cache = HeadOffloadCache(args, plan.batch, plan.max_len, plan.device, plan.dtype, plan.group_size,
-                                     plan.resident_slots)
+                                     plan.resident_slots, rollback=plan.rollback)
         cache.plan = plan
         return cache
     except torch.cuda.OutOfMemoryError:

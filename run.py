@@ -68,6 +68,15 @@ def check_continues(cache, prompt_ids):
                          ("ctx_size",))
 
 
+def check_rollback(cache, rollback: int):
+    """A cache of the caller's can take back `rollback` positions after a verification pass: its
+    sliding-window rings were planned with room for them (planner.plan_cache(..., rollback=))."""
+    if cache.windows is not None and cache.plan.rollback < rollback:
+        raise UsageError(f"the cache's sliding-window rings were planned for taking back {cache.plan.rollback} "
+                         f"positions, speculative decoding needs {rollback}: plan it with rollback={rollback}",
+                         ("speculate_k",))
+
+
 def check_room(cache, max_new_tokens: int):
     """A decode of max_new_tokens fits the cache."""
     room = cache.max_len - cache.length + 1  # the last token is never fed back

@@ -147,6 +147,10 @@ class TiktokenTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
 
 class SentencePieceTokenizer(Tokenizer):
     """sentencepiece `tokenizer.model` (Llama-2, Mistral, Gemma). Control pieces (<s>, </s>, Mistral v3's
@@ -185,6 +189,32 @@ class SentencePieceTokenizer(Tokenizer):
             else:
                 run.append(i)
         return "".join(out) + self.sp.decode(run)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+
+# Text that touches most kinds of token: words, numbers, code, punctuation, accents, other scripts, emoji.
+VOCABULARY_PROBE = ("The quick brown fox jumps over 13 lazy dogs; déjà vu, naïve café. def f(x): return x**2 # "
+                    "{'a': [1, 2.5e-3]}\n\t東京は日本の首都です。Привет, мир! 🙂 <tag attr=\"v\">&amp;</tag>")
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer, samples: int = 4096) -> bool:
+    """Whether two tokenizers give text the same ids (a draft model's must be its target's): the same
+    special tokens, the same ids for a probe text, and the same text for ids spread over the vocabulary."""
+    if a.special_tokens != b.special_tokens or a.encode(VOCABULARY_PROBE) != b.encode(VOCABULARY_PROBE):
+        return False
+    n = min(a.vocab_size, b.vocab_size)
+    ids = [i for i in range(0, n, max(1, n // samples)) if i not in a.control_ids]
+    return all(_piece(a, i) == _piece(b, i) for i in ids)
+
+
+def _piece(tokenizer: Tokenizer, i: int) -> str | None:
+    try:
+        return tokenizer.decode([i], skip_special=False)
+    except (KeyError, IndexError, ValueError):  # an id the vocabulary skips
+        return None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:

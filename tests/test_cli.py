@@ -95,12 +95,12 @@ def test_help_gives_every_flag_a_line_and_its_default(capsys):
 def test_the_readme_python_examples_run_and_print_clean_text(capsys, tmp_path, monkeypatch):
     """The first once printed `... Paris.<|im_end|>`: decode now leaves control tokens out. The second
     continues the first with the pieces (plan, cache, prefill, decode); the third saves and loads a
-    prompt cache: run twice, the second run loads all but the last prompt token; the last two answer
-    questions together."""
+    prompt cache: run twice, the second run loads all but the last prompt token; the fourth decodes
+    speculatively; the last two answer questions together."""
     readme = (ROOT / "README.md").read_text()
     [example] = re.findall(r"```python\n(.*?)```", readme, re.S)
     examples = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "python.md").read_text(), re.S)
-    assert len(examples) == 5 and examples[0] == example  # the README's, then the pieces in docs/python.md
+    assert len(examples) == 6 and examples[0] == example  # the README's, then the pieces in docs/python.md
     monkeypatch.chdir(tmp_path)  # book.kv is written here
     namespace = {}
     for example in examples[:2]:
@@ -110,7 +110,9 @@ def test_the_readme_python_examples_run_and_print_clean_text(capsys, tmp_path, m
     for expected in (0, len(namespace["ids"]) - 1):
         exec(compile(examples[2], "README.md", "exec"), namespace)
         assert namespace["reused"] == expected and (tmp_path / "book.kv").exists()
-    for example in examples[3:]:  # generate_many, then its pieces: the same answers, each the one alone
+    exec(compile(examples[3], "README.md", "exec"), namespace)  # speculative decoding: plain decoding's tokens
+    assert namespace["tokens"] == G.generate(namespace["model"], namespace["ids"], 64)
+    for example in examples[4:]:  # generate_many, then its pieces: the same answers, each the one alone
         exec(compile(example, "README.md", "exec"), namespace)
     ns = namespace
     assert ns["again"] == ns["answers"] == [G.generate(ns["model"], ns["doc"] + q, 64, stop_ids=ns["tokenizer"].stop_ids)

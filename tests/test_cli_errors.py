@@ -37,6 +37,14 @@ def edit_config(d, **fields):
     (d / "config.json").write_text(json.dumps({**cfg, **fields}))
 
 
+def other_vocabulary(d):
+    """A special token of another name: a tokenizer that gives some text other ids."""
+    spec = json.loads((d / "tokenizer.json").read_text())
+    token = next(t for t in spec["added_tokens"] if t["content"] == "<gh_stars>")
+    token["content"] = "<stars>"
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+
+
 # (id, argv builder taking (tiny checkpoint, tmp dir), expected words in the message)
 GENERATE_CASES = [
     ("missing-checkpoint", lambda c, t: ["--checkpoint", str(t / "nope")], "does not exist"),
@@ -118,6 +126,21 @@ GENERATE_CASES = [
     ("unknown-flag", lambda c, t: ["--turbo"], "unrecognized arguments"),
     ("compile-cuda-graphs", lambda c, t: ["--compile", "reduce-overhead"], "replays CUDA graphs, which skip"),
     ("compile-unknown-mode", lambda c, t: ["--compile", "fast"], "is not a torch.compile mode"),
+    ("speculate-k-zero", lambda c, t: ["--speculate", "lookup", "--speculate-k", "0"], "must be >= 1"),
+    ("speculate-unknown", lambda c, t: ["--speculate", "oracle"], "invalid choice"),
+    ("draft-window-below-the-sinks", lambda c, t: ["--speculate", "self", "--draft-window", "3"],
+     "at least the 4 sink tokens"),
+    ("speculate-compile", lambda c, t: ["--speculate", "lookup", "--compile"], "passes of k + 1 tokens"),
+    ("speculate-questions", lambda c, t: ["--speculate", "self", "--questions-file", "qs.txt"],
+     "does not combine with --questions-file"),
+    ("speculate-and-draft", lambda c, t: ["--speculate", "self", "--draft-checkpoint", str(c)], "its own drafter"),
+    ("draft-missing", lambda c, t: ["--checkpoint", str(c), "--draft-checkpoint", str(t / "nope")], "does not exist"),
+    ("draft-another-vocabulary", lambda c, t: ["--checkpoint", str(c), "--draft-checkpoint", str(variant(
+        c, t, other_vocabulary))], "has another vocabulary than the model"),
+    ("draft-without-tokenizer", lambda c, t: ["--checkpoint", str(c), "--draft-checkpoint", str(variant(
+        c, t, lambda d: [f.unlink() for f in d.glob("tokenizer*")]))], "has no tokenizer files"),
+    ("draft-cannot-fit", lambda c, t: ["--checkpoint", str(c), "--draft-checkpoint", str(variant(
+        c, t, lambda d: edit_config(d, intermediate_size=10**11)))], "the weights in torch.float32 need"),
     ("cuda-without-gpu", lambda c, t: ["--device", "cuda"], "CUDA is not available"),
     ("unknown-device", lambda c, t: ["--device", "tpu9"], "unknown device"),
 ]

@@ -156,6 +156,12 @@ def test_greedy_tokens_and_many_answers_are_one_process_ones(ranks, alone, polic
     assert ranks[0][f"answers {policy}"] == answers
 
 
+@pytest.mark.parametrize("speculate", ["lookup", "self"])
+def test_speculative_decoding_in_a_group_gives_one_process_plain_tokens(ranks, alone, speculate):
+    for policy in ("none", "head"):
+        assert ranks[0][f"speculated {speculate} {policy}"] == G.generate(alone, W.PROMPT, 24, offload=policy)
+
+
 def test_sampling_with_one_seed_draws_the_same_tokens_on_every_rank_as_in_one_process(ranks, alone):
     # Equal logits on every rank (the test above) and one seed: equal draws. One process's logits
     # differ in the last bits only, which moves a draw only when it falls that close to a boundary.

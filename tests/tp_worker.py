@@ -50,6 +50,10 @@ def main(ckpt, out):
             results[f"tokens {policy} {chunk}"] = generate(model, PROMPT, 24, offload=policy, prefill_chunk=chunk)
         results[f"answers {policy}"] = generate_many(model, PROMPT[:29], QUESTIONS, 12, offload=policy, prefill_chunk=4)
     results["sampled"] = generate(model, PROMPT, 24, temperature=1.0, seed=SEED)  # the same draws on every rank
+    for speculate in ("lookup", "self"):  # every rank drafts the same tokens and keeps the same ones
+        for policy in ("none", "head"):
+            results[f"speculated {speculate} {policy}"] = generate(model, PROMPT, 24, offload=policy,
+                                                                   speculate=speculate, speculate_k=3, draft_window=12)
     torch.save(results, Path(out) / f"rank{tp.rank}.pt")
     tensor_parallel.leave()
 
