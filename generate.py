@@ -39,7 +39,7 @@ from run import (Run, check_compile, check_continues, check_ctx_size, check_ques
 from sampling import accept, sample
 from shared_prefix import SharedPrefixCache, shared_length
 from speculative import (DEFAULT_DRAFT_WINDOW, DEFAULT_K, SPECULATION_COUNTS, DraftLength, Tap, check_speculation,
-                         draft_bytes, make_drafter)
+                         make_drafter, plan_room)
 
 PROGRESS_DELAY_S = 2.0  # a prefill shows its progress bar once it has taken this long
 
@@ -276,17 +276,15 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
     speculate = "draft" if speculate is None and draft_model is not None else speculate
     check_speculation(speculate, speculate_k, draft_window, compile, model, draft_model)
     device, dtype, generator = setup(model, seed)
-    rollback = speculate_k if speculate else 0
     if cache is None:
         max_new_tokens = min(max_new_tokens, (ctx_size or model.args.max_seq_len) - len(prompt_ids))
-        plan = plan_cache(model.args, ctx_size or len(prompt_ids) + max_new_tokens, dtype, device, offload,
-                          gpu_kv_budget, prefill_chunk, rollback=rollback,
-                          draft_bytes=draft_bytes(speculate, model, draft_model, draft_window, speculate_k,
-                                                  prefill_chunk or default_prefill_chunk(device),
-                                                  ctx_size or len(prompt_ids) + max_new_tokens))
+        max_len = ctx_size or len(prompt_ids) + max_new_tokens
+        room = plan_room(speculate, model, draft_model, draft_window, speculate_k,
+                         prefill_chunk or default_prefill_chunk(device), max_len)
+        plan = plan_cache(model.args, max_len, dtype, device, offload, gpu_kv_budget, prefill_chunk, **room)
     else:
         check_continues(cache, prompt_ids)
-        check_rollback(cache, rollback)
+        check_rollback(cache, speculate_k if speculate else 0)
         plan, max_new_tokens = cache.plan, min(max_new_tokens, cache.max_len - len(prompt_ids))
     chunk = prefill_chunk or plan.prefill_chunk
     new_ids = []
@@ -396,8 +394,8 @@ def main(argv=None):
     document, questions = tensor_parallel.from_rank0(lambda: (read_prompt_file(opts), read_questions(opts)))
     model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype, tp=tp)
     draft = None if opts.draft_checkpoint is None else load_draft_model(opts.draft_checkpoint, tokenizer, device, dtype)
-    speculation = dict(speculate=opts.speculate, speculate_k=opts.speculate_k, draft_model=draft,
-                       draft_window=opts.draft_window)
+    speculation = dict(speculate="draft" if draft is not None else opts.speculate, speculate_k=opts.speculate_k,
+                       draft_model=draft, draft_window=opts.draft_window)
     chat = use_chat(opts, tokenizer)
     if opts.interactive:
         return interactive(model, tokenizer, opts, chat, offload, speculation, opening=document or "",
@@ -457,12 +455,10 @@ def interactive(model, tokenizer, opts, chat: bool, offload: str, speculation: d
         raise UsageError(f"the opening has {len(conv.ids)} tokens; ctx_size is {ctx}", ("prompt_file", "ctx_size"))
     device, dtype, _ = setup(model, None)
     s = speculation
-    speculate = "draft" if s["draft_model"] is not None else s["speculate"]
-    room = draft_bytes(speculate, model, s["draft_model"], s["draft_window"], s["speculate_k"],
-                       opts.prefill_chunk or default_prefill_chunk(device), ctx)
+    room = plan_room(s["speculate"], model, s["draft_model"], s["draft_window"], s["speculate_k"],
+                     opts.prefill_chunk or default_prefill_chunk(device), ctx)
     try:
-        plan = plan_cache(model.args, ctx, dtype, device, offload, opts.gpu_kv_budget, opts.prefill_chunk,
-                          rollback=s["speculate_k"] if speculate else 0, draft_bytes=room)
+        plan = plan_cache(model.args, ctx, dtype, device, offload, opts.gpu_kv_budget, opts.prefill_chunk, **room)
     except UsageError as e:  # the session's size is the knob that fits it
         raise UsageError(str(e), e.options + ("ctx_size",)) from None
     chunk = plan.prefill_chunk

@@ -59,6 +59,14 @@ def check_speculation(speculate: str | None, k: int, window: int, compile, model
                          f"{model.args.vocab_size}: a draft needs the model's vocabulary", ("draft_checkpoint",))
 
 
+def plan_room(speculate: str | None, model: Transformer, draft_model: Transformer | None, window: int, k: int,
+              chunk: int, max_len: int) -> dict:
+    """What the cache plan (planner.plan_cache) sets aside for speculation over max_len positions: rollback,
+    the positions a pass may take back, and draft_bytes, the drafter's own cache on the compute device."""
+    return dict(rollback=k if speculate else 0,
+                draft_bytes=draft_bytes(speculate, model, draft_model, window, k, chunk, max_len))
+
+
 def draft_bytes(speculate: str | None, model: Transformer, draft_model: Transformer | None, window: int, k: int,
                 chunk: int, max_len: int) -> int:
     """What the drafter keeps on the compute device beside the weights (its DraftCache), for a cache of
@@ -79,7 +87,6 @@ class LookupDrafter:
     """Prompt lookup: for n = MAX_NGRAM down to 1, the last n ids, if they occurred before, are followed
     by the ids that followed them the last time; those are the drafts. An index of every n-gram's last
     occurrence is kept up to date as ids grow, so a step costs O(k), not O(context)."""
-    kind = "lookup"
 
     def __init__(self):
         self.last = {}   # n-gram (a tuple) -> the position after its latest occurrence
@@ -109,7 +116,7 @@ class DraftCache:
     `recent + room` positions. Called like the target's caches (the model cannot tell the difference)."""
 
     def __init__(self, args: ModelArgs, window: int, room: int, device, dtype, batch: int = 1):
-        self.args, self.recent, self.room = args, window - SINKS, room
+        self.args, self.recent = args, window - SINKS
         shape = (args.n_layer, batch, window + room, args.n_kv_head, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -199,17 +206,17 @@ class ModelDrafter:
     start, for a draft model, the whole prompt, `chunk` tokens per pass), then each draft in turn:
     k drafts cost k passes of the draft model, each reading its weights once."""
 
-    def __init__(self, model: Transformer, kind: str, window: int, k: int, temperature: float,
+    def __init__(self, model: Transformer, target, window: int, k: int, temperature: float,
                  top_k: int | None, generator, vocab_size: int, chunk: int):
-        self.model, self.kind, self.chunk = model, kind, chunk
+        # target: for "self", the target's cache, whose rows start and refresh the draft cache; None for a draft model
+        self.model, self.target, self.chunk = model, target, chunk
         self.temperature, self.top_k, self.generator, self.vocab_size = temperature, top_k, generator, vocab_size
         device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
         self.cache = DraftCache(model.args, window, room_for(k, chunk), device, dtype)
-        self.target = None  # "self": the target's cache, whose rows start the draft cache
 
     @torch.no_grad()
     def propose(self, ids: list[int], k: int) -> tuple[list[int], Tensor | None]:
-        if self.kind == "self" and self.cache.length == 0 and self.target is not None and self.target.length:
+        if self.target is not None and self.cache.length == 0 and self.target.length:
             self.cache.fill_from(self.target)
         device = self.model.tok_embeddings.weight.device
         todo = ids[self.cache.length:]
@@ -234,7 +241,7 @@ class ModelDrafter:
         return int(draw(q, self.generator)), q
 
     def update(self, length: int, kept: int, kv: dict):
-        if self.kind == "self":  # the target's K/V of what it kept replace the draft's own
+        if self.target is not None:  # "self": the target's K/V of what it kept replace the draft's own
             self.cache.truncate(min(self.cache.length, length))
             if self.cache.length < length:  # it had to forget: the next proposal starts it from the target again
                 return
@@ -283,12 +290,11 @@ def make_drafter(speculate: str | None, model: Transformer, cache, k: int, windo
         return None
     if speculate == "lookup":
         return LookupDrafter()
-    drafter_model = model if speculate == "self" else draft_model
-    drafter = ModelDrafter(drafter_model, speculate, draft_window(window, cache.max_len, k), k, temperature, top_k,
-                           generator,
-                           model.args.vocab_size, chunk if speculate == "draft" else 1)
-    drafter.target = cache if speculate == "self" else None
-    return drafter
+    if speculate == "self":
+        return ModelDrafter(model, cache, draft_window(window, cache.max_len, k), k, temperature, top_k, generator,
+                            model.args.vocab_size, chunk=1)
+    return ModelDrafter(draft_model, None, draft_window(window, cache.max_len, k), k, temperature, top_k, generator,
+                        model.args.vocab_size, chunk)
 
 
 class Tap:

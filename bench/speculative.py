@@ -158,8 +158,7 @@ def gpu_rows(dry: bool, contexts, acceptance: list[float], k: int = 7) -> dict:
         cache = make_cache(plan, model.args)
         fill_cache(cache, context)
         drafter = DraftCache(model.args, 512, room_for(k, 1), device, dtype)
-        fill_from_recent = lambda: drafter.fill_from(cache)
-        fill_from_recent()
+        drafter.fill_from(cache)
 
         def step(T, over):
             def run():
