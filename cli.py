@@ -19,6 +19,7 @@ import tensor_parallel
 from errors import UsageError, end_answer_line, say, write_answer
 from planner import CPU_PREFILL_CHUNK, DEFAULT_PREFILL_CHUNK, POLICIES, fmt_bytes
 from prompt_cache import check_prompt_cache_path
+from quantize import WEIGHTS
 from run import check_compile
 from speculative import DEFAULT_DRAFT_WINDOW, DEFAULT_K, SINKS, SPECULATE, check_speculation
 
@@ -117,6 +118,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="of the weights, activations and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help="quantize the linear layers as they load: int8 (a scale per output channel) or int4 (a "
+                        "scale and a zero per 32 inputs; on CUDA with --dtype bfloat16); the attention stays exact "
+                        "(default: the weights in --dtype, or as a --quantize'd checkpoint stores them)")
     p.add_argument("--json", action="store_true",
                    help="print, instead of the streamed text, one JSON object per answer (the text, ids and stats) "
                         "as the only output on stdout; notes and the stats line stay on stderr (default: off)")
@@ -347,8 +352,9 @@ def stats_line(stats, what: str, new_tokens: int, rate_of: str = "") -> str:
     ranks = f" per rank ({stats['tp_ranks']} ranks)" if stats["tp_ranks"] > 1 else ""
     passes = (f" ({stats['tokens_per_pass']:.2f} tokens per pass, {stats['speculate']} drafts, "
               f"k={stats['speculate_k']})" if stats.get("tokens_per_pass") else "")
+    weights = f"weights {stats['weights']} {fmt_bytes(stats['weights_bytes'])}"
     return (f"{what}{reused}, prefill {prefill}, {plural(new_tokens, 'new token')}{first}{rate}{passes}; "
-            f"offload={stats['offload']}, KV {where}{ranks}{peak}")
+            f"{weights}, offload={stats['offload']}, KV {where}{ranks}{peak}")
 
 
 def plural(n: int, noun: str) -> str:

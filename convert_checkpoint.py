@@ -3,6 +3,11 @@ checkpoint dir: config.json (the ModelArgs fields), model.safetensors (our tenso
 HF's rotate-half RoPE layout) and the tokenizer files. See docs/checkpoint-format.md.
 
     python convert_checkpoint.py meta-llama/Llama-3.1-8B-Instruct --out checkpoints/llama3.1-8b
+    python convert_checkpoint.py meta-llama/Llama-3.1-8B-Instruct --out checkpoints/llama3.1-8b-int8 --quantize int8
+
+--quantize int8|int4 stores the blocks' linear layers quantized (quantize.py), so that a large model is
+quantized once, not at every load; a converted checkpoint can be given as the source for this. A GGUF's
+Q4_0, Q4_1 and Q4_K tensors become int4 weights as they are (their blocks are int4 groups of 32).
 """
 import argparse
 import json
@@ -21,8 +26,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+import quantize as quant
 from errors import ArgumentParser, UsageError
-from model import ModelArgs
+from model import ModelArgs, Transformer
 
 
 class ConversionError(UsageError):
@@ -41,6 +47,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # what we dequantize
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # torch -> safetensors
 SAFETENSORS_DTYPES = {v: k for k, v in DTYPES.items()}
+FILE_DTYPES = {**DTYPES, torch.int8: "I8", torch.uint8: "U8"}  # what we write, quantized weights too
 
 # Our tensor names -> the source tensors they are made of (q, k, v are fused into wqkv).
 HF_NAMES = {
@@ -95,6 +102,7 @@ class Source:
     load: Callable[[str], torch.Tensor]      # source tensor name -> tensor, in our layout
     ignore: set                              # source tensors we may safely drop
     write_tokenizer: Callable[[Path], None]  # writes the tokenizer files into a dir
+    load_int4: Callable[[str, int], dict | None] = lambda name, group_size: None  # a tensor's int4 form as stored
 
 
 # ---------------------------------------------------------------- Hugging Face checkpoints
@@ -174,6 +182,10 @@ def open_hf_dir(path: Path) -> Source:
         hf = json.loads((path / "config.json").read_text())
     except ValueError as e:
         raise ConversionError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if hf.get("quantization_config"):  # GPTQ, AWQ, bitsandbytes, FP8: their tensors are not a float model's
+        method = hf["quantization_config"].get("quant_method", "quantized")
+        raise ConversionError(f"{path} is already quantized ({method}); give the unquantized model (--quantize "
+                              f"int8 or int4 quantizes it here)", ("checkpoint",))
     try:
         config = hf_config(hf)
     except KeyError as e:
@@ -308,13 +320,16 @@ def open_gguf(path: Path) -> Source:
                    torch.float32 if t.tensor_type.name in GGUF_TYPES else t.tensor_type.name)
             for name, t in tensors.items()}
 
-    def load(name):
-        w = gguf_f32(tensors[name]).reshape(meta[name][0])
+    def rows_in_our_order(name, w):
         if arch == "llama" and ".attn_q." in name:  # only llama's q/k rows are permuted (the others use NeoX RoPE)
-            w = unpermute(w, n_head)
-        elif arch == "llama" and ".attn_k." in name:
-            w = unpermute(w, n_kv_head)
-        elif arch == "gemma2" and name.endswith("norm.weight"):
+            return unpermute(w, n_head)
+        if arch == "llama" and ".attn_k." in name:
+            return unpermute(w, n_kv_head)
+        return w
+
+    def load(name):
+        w = rows_in_our_order(name, gguf_f32(tensors[name]).reshape(meta[name][0]))
+        if arch == "gemma2" and name.endswith("norm.weight"):
             # llama.cpp stores Gemma's norms as 1 + weight; we keep HF's weight (config norm_offset).
             # y - 1 is exact in fp32 for y in [0.5, 2] (Sterbenz), so 1 + (y - 1) gives y back.
             w = w - 1
@@ -328,13 +343,92 @@ def open_gguf(path: Path) -> Source:
             except ValueError as e:  # a tokenizer kind tokenizer.py does not support
                 raise ConversionError(f"{path}: {e}") from None
 
-    return Source(config, GGUF_NAMES, meta, load, {"rope_freqs.weight"}, write_tokenizer)
+    def load_int4(name, group_size):
+        if group_size != GGUF_INT4_GROUP or tensors[name].tensor_type.name not in GGUF_INT4:
+            return None
+        parts = gguf_int4(tensors[name], meta[name][0])
+        q = rows_in_our_order(name, quant.unpack_int4(parts["weight"]))
+        return {"weight": quant.pack_int4(q), "scales": rows_in_our_order(name, parts["scales"]),
+                "zeros": rows_in_our_order(name, parts["zeros"])}
+
+    return Source(config, GGUF_NAMES, meta, load, {"rope_freqs.weight"}, write_tokenizer, load_int4)
 
 
 def gguf_f32(t) -> torch.Tensor:
     """A GGUF tensor's values in fp32 (dequantized), flat or [rows, cols]."""
     import gguf
     return torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type))
+
+
+GGUF_INT4, GGUF_INT4_GROUP = ("Q4_0", "Q4_1", "Q4_K"), 32  # blocks (sub-blocks for Q4_K) of 32 4-bit values
+
+
+def gguf_int4(t, shape) -> dict:
+    """A Q4_0, Q4_1 or Q4_K tensor in our stored int4 form (quantize.py), each 32-value block a group:
+    w = (q - 8) * scale + zero. llama.cpp's blocks decode as Q4_0 d * (q - 8); Q4_1 d * q + m;
+    Q4_K (d * sc_j) * q - dmin * m_j per 32-value sub-block j of 256 (6-bit sc_j, m_j). So the scale
+    is d (d * sc_j) and the zero 0, m + 8 d, 8 d sc_j - dmin m_j: the same values (up to the fp32
+    rounding of the zero), and no float weight in between."""
+    import gguf
+    rows, cols = shape
+    kind = t.tensor_type.name
+    blocks = np.asarray(t.data).view(np.uint8).reshape(rows * cols // (256 if kind == "Q4_K" else 32), -1)
+    f16 = lambda b: torch.from_numpy(b.copy().view(np.float16).astype(np.float32))
+    if kind == "Q4_K":
+        d, dmin = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
+        sc, m = (torch.from_numpy(x.astype(np.float32)) for x in gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16]))
+        packed = torch.from_numpy(blocks[:, 16:].copy()).reshape(-1, 4, 1, 32)  # 4 x 32 bytes: sub-blocks 2c, 2c+1
+        q = torch.cat([packed & 15, packed >> 4], dim=2).reshape(-1, 256)
+        scales, zeros = d * sc, 8 * d * sc - dmin * m
+    else:
+        d = f16(blocks[:, 0:2])
+        packed = torch.from_numpy(blocks[:, -16:].copy())  # values 0-15 in the low nibbles, 16-31 in the high
+        q = torch.cat([packed & 15, packed >> 4], dim=1)
+        scales, zeros = d, f16(blocks[:, 2:4]) + 8 * d if kind == "Q4_1" else torch.zeros_like(d)
+    return {"weight": quant.pack_int4(q.reshape(rows, cols)), "scales": scales.reshape(rows, cols // 32),
+            "zeros": zeros.reshape(rows, cols // 32)}
+
+
+# ---------------------------------------------------------------- our own converted checkpoints
+
+def stored_weights(f, path) -> tuple | None:
+    """What a checkpoint's model.safetensors (`f`, safe_open) holds: (mode, group size) for quantized
+    weights (its metadata says), None for float ones."""
+    meta = f.metadata() or {}
+    mode = meta.get("weights")
+    if mode is None:
+        return None
+    if mode not in quant.WEIGHTS:
+        raise ConversionError(f"{path} holds {mode} weights, which this version cannot load")
+    return mode, int(meta.get("group_size", quant.GROUP_SIZE))
+
+
+def open_converted(path: Path) -> Source:
+    """One of our checkpoint dirs as a source: its float weights to be quantized (--quantize)."""
+    try:
+        args = ModelArgs.from_json(path / "config.json")
+        f = safe_open(path / "model.safetensors", framework="pt")
+    except Exception as e:
+        raise ConversionError(f"{path} is not a valid converted checkpoint: {e}") from None
+    stored = stored_weights(f, path / "model.safetensors")
+    if stored is not None:
+        raise ConversionError(f"{path} is already quantized ({stored[0]} weights); it loads as such, and "
+                              f"requantizing rounded weights would round them twice: give the original", ("quantize",))
+    meta = {}
+    for name in f.keys():
+        s = f.get_slice(name)
+        meta[name] = (tuple(s.get_shape()), SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+    with torch.device("meta"):  # our names map to themselves, wqkv stored fused
+        templates = {re.sub(r"layers\.\d+\.", "layers.{}.", k): [re.sub(r"layers\.\d+\.", "layers.{}.", k)]
+                     for k in Transformer(args).state_dict()}
+
+    def write_tokenizer(out: Path):
+        for name in TOKENIZER_FILES:
+            if (path / name).is_file():
+                shutil.copy(path / name, out / name)
+
+    return Source(json.loads((path / "config.json").read_text()), templates, meta, f.get_tensor, set(),
+                  write_tokenizer)
 
 
 # ---------------------------------------------------------------- writing our checkpoint
@@ -373,6 +467,8 @@ def plan_tensors(src: Source) -> dict:
         layer = re.match(r"layers\.(\d+)\.(.*)", name)
         templates = src.names["layers.{}." + layer[2]] if layer else src.names[name]
         parts = [t.format(layer[1]) if layer else t for t in templates]
+        if len(parts) == 1 < len(part_shapes):  # a converted checkpoint's wqkv: q, k and v stored fused
+            part_shapes = [(sum(s[0] for s in part_shapes), *part_shapes[0][1:])]
         for part, shape in zip(parts, part_shapes):
             if part not in src.meta:
                 raise ConversionError(f"missing tensor {part}")
@@ -390,21 +486,77 @@ def plan_tensors(src: Source) -> dict:
     return plan
 
 
-def write_safetensors(path: Path, plan: dict, load: Callable[[str], torch.Tensor]):
-    """Write model.safetensors one tensor at a time: safetensors.torch.save_file needs every tensor
-    in memory at once, which for a 70B model (or a GGUF dequantized to fp32) is too much."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+def tensors_to_write(plan: dict, src: Source, mode: str | None, group_size: int) -> dict:
+    """name -> (shape, dtype, load) of each tensor model.safetensors holds: plan's, with the blocks' linear
+    layers in their stored quantized form when `mode` is int8 or int4 (quantize.py)."""
+    layers = {f"{name}.weight" for name in quant.quantized_layers(_meta_model(src.config))} if mode else set()
+    tensors = {}
+    for name, (shape, dtype, parts) in plan.items():
+        if name in layers:
+            tensors.update(quantized_tensors(name.removesuffix(".weight"), shape, parts, src, mode, group_size))
+        else:
+            tensors[name] = (shape, dtype, lambda parts=parts: torch.cat([src.load(p) for p in parts]))
+    return tensors
+
+
+def quantized_tensors(layer: str, shape, parts: list[str], src: Source, mode: str, group_size: int) -> dict:
+    """A linear layer's stored parts (weight, scales[, zeros]), quantized once when the first is written.
+    Each source part of a fused wqkv is quantized alone (or taken as it is from a GGUF's int4 blocks)
+    and their rows put together: both forms are per row, so this is quantizing the fused weight."""
+    pending = {}
+
+    def load(p):
+        if not pending:
+            quantized = [src_part(src, part, mode, group_size) for part in parts]
+            pending.update({k: torch.cat([q[k] for q in quantized]) for k in quantized[0]})
+        return pending.pop(p)  # dropped once written
+
+    rows, cols = shape
+    shapes = {"weight": ((rows, cols), torch.int8) if mode == "int8" else ((rows, cols // 2), torch.uint8),
+              "scales": ((rows,) if mode == "int8" else (rows, cols // group_size), torch.float32),
+              "zeros": ((rows, cols // group_size), torch.float32)}
+    return {f"{layer}.{p}": (*shapes[p], lambda p=p: load(p)) for p in quant.PARTS[mode]}
+
+
+def src_part(src: Source, name: str, mode: str, group_size: int) -> dict:
+    """A source tensor in its stored quantized form: a GGUF's int4 blocks as they are, anything else
+    quantized from its float values."""
+    direct = src.load_int4(name, group_size) if mode == "int4" else None
+    return direct if direct is not None else quant.quantize(src.load(name), mode, group_size)
+
+
+def check_int4_shapes(config: dict, mode: str, group_size: int):
+    """int4 groups must tile every quantized layer's inputs (the kernels' other constraints are checked at load)."""
+    model = _meta_model(config)
+    for name in quant.quantized_layers(model) if mode == "int4" else ():
+        out, n_in = model.get_submodule(name).weight.shape
+        if n_in % group_size:
+            raise ConversionError(f"{name} has {n_in} inputs, not whole groups of {group_size}: choose another "
+                                  f"--group-size, or int8", ("group_size",))
+
+
+def _meta_model(config: dict) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(ModelArgs(**config))
+
+
+def write_safetensors(path: Path, plan: dict, metadata: dict | None = None):
+    """Write model.safetensors one tensor at a time (plan: name -> (shape, dtype, load)):
+    safetensors.torch.save_file needs every tensor in memory at once, which for a 70B model (or a GGUF
+    dequantized to fp32) is too much."""
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
     for name, (shape, dtype, _) in plan.items():
         size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": FILE_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header = json.dumps(header).encode()
     header += b" " * (-len(header) % 8)  # pad so tensor data starts 8-byte aligned, as safetensors does
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
         for name in tqdm(plan, desc="converting", unit="tensor", disable=None):
-            _, dtype, parts = plan[name]
-            t = torch.cat([load(part).to(dtype) for part in parts]).contiguous()
+            shape, dtype, load = plan[name]
+            t = load().to(dtype).contiguous()
+            assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
             f.write(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -413,7 +565,7 @@ def open_source(src: str) -> Source:
     if path.is_file() and path.suffix == ".gguf":
         return open_gguf(path)
     if path.is_dir():
-        return open_hf_dir(path)
+        return open_converted(path) if _ours(path) else open_hf_dir(path)
     if path.exists():
         raise ConversionError(f"{src} is neither a model dir nor a .gguf file")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", src) and not src.endswith(".gguf"):
@@ -421,8 +573,22 @@ def open_source(src: str) -> Source:
     raise ConversionError(f"{src} does not exist")
 
 
-def convert(src, out_dir, force: bool = False) -> Path:
-    """Convert src (HF model dir, hub repo id or .gguf file) into the checkpoint dir out_dir."""
+def _ours(path: Path) -> bool:
+    """A dir converted by us: its config.json holds ModelArgs fields (n_layer, ...)."""
+    try:
+        return "n_layer" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def convert(src, out_dir, force: bool = False, quantize: str | None = None, group_size: int = quant.GROUP_SIZE) -> Path:
+    """Convert src (HF model dir, hub repo id or .gguf file) into the checkpoint dir out_dir; quantize
+    int8 or int4 (int4 in groups of group_size inputs) stores the blocks' linear layers quantized, and
+    then src may also be one of our converted dirs."""
+    if quantize is not None and quantize not in quant.WEIGHTS:
+        raise ConversionError(f"unknown --quantize {quantize!r}; choose {' or '.join(quant.WEIGHTS)}", ("quantize",))
+    if group_size not in quant.GROUP_SIZES:
+        raise ConversionError(f"group size {group_size} is not one of {quant.GROUP_SIZES}", ("group_size",))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} exists and is not a directory")
@@ -431,11 +597,18 @@ def convert(src, out_dir, force: bool = False) -> Path:
     if Path(src).exists() and out.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
         raise ConversionError(f"the output {out} would overwrite the source {src}", ("out",))
     source = open_source(str(src))
+    if quantize is None and Path(src).is_dir() and _ours(Path(src)):
+        raise ConversionError(f"{src} is converted already; it loads as it is (--quantize makes a quantized copy)",
+                              ("quantize",))
     try:
         args = ModelArgs(**source.config)  # every field written, the defaults too
     except ValueError as e:
         raise ConversionError(f"{src}: {e}") from None
     plan = plan_tensors(source)
+    if quantize is not None:
+        check_int4_shapes(source.config, quantize, group_size)
+    metadata = {} if quantize is None else {"weights": quantize, **({"group_size": str(group_size)}
+                                                                      if quantize == "int4" else {})}
 
     # Build everything in a temp dir next to out and rename at the end: an interrupted
     # conversion must never leave a half-written checkpoint that later loads.
@@ -446,7 +619,7 @@ def convert(src, out_dir, force: bool = False) -> Path:
     try:
         args.to_json(tmp / "config.json")
         source.write_tokenizer(tmp)
-        write_safetensors(tmp / "model.safetensors", plan, source.load)
+        write_safetensors(tmp / "model.safetensors", tensors_to_write(plan, source, quantize, group_size), metadata)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -462,9 +635,14 @@ def main(argv=None):
                         f"(GGUF architectures: {', '.join(GGUF_ARCHITECTURES)})")
     parser.add_argument("--out", required=True, help="checkpoint dir to create")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--quantize", choices=quant.WEIGHTS,
+                        help="store the linear layers quantized: int8 (a scale per output channel) or int4 "
+                             "(a scale and a zero per group of inputs); the source may then be a converted dir")
+    parser.add_argument("--group-size", type=int, default=quant.GROUP_SIZE, choices=quant.GROUP_SIZES,
+                        help=f"inputs per int4 scale and zero (default {quant.GROUP_SIZE}, GGUF's Q4 blocks)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.src, args.out, force=args.force)
+        out = convert(args.src, args.out, force=args.force, quantize=args.quantize, group_size=args.group_size)
     except ConversionError as e:
         print(f"error: {e.with_flags()}", file=sys.stderr)
         sys.exit(1)

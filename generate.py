@@ -34,6 +34,7 @@ from errors import UsageError, say
 from model import Transformer
 from planner import default_prefill_chunk, make_cache, plan_cache
 from prompt_cache import check_prompt_cache, load_or_note, save_or_warn
+from quantize import describe
 from run import (Run, check_compile, check_continues, check_ctx_size, check_questions, check_request, check_rollback,
                  check_room)
 from sampling import accept, sample
@@ -288,8 +289,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, off
         plan, max_new_tokens = cache.plan, min(max_new_tokens, cache.max_len - len(prompt_ids))
     chunk = prefill_chunk or plan.prefill_chunk
     new_ids = []
-    with Run(device, plan, chunk, stats, prompt_tokens=len(prompt_ids), reused_tokens=0, speculate=speculate,
-             speculate_k=speculate_k if speculate else None, **SPECULATION_COUNTS) as run:
+    with Run(device, plan, chunk, stats, **describe(model), prompt_tokens=len(prompt_ids), reused_tokens=0,
+             speculate=speculate, speculate_k=speculate_k if speculate else None, **SPECULATION_COUNTS) as run:
         cache = run.allocate(model.args, progress) if cache is None else cache
         if compile and progress:
             say("compiling the decode step: its first run takes seconds to a minute")
@@ -346,8 +347,8 @@ def generate_many(model: Transformer, prefix_ids: list[int], suffixes: list[list
                       questions=(B, longest, max_new_tokens - 1))  # the last token is never fed back
     chunk = plan.prefill_chunk
     answers, counts = [[] for _ in suffixes], [0] * B
-    with Run(device, plan, chunk, stats, prefix_tokens=len(prefix_ids), question_tokens=[len(q) for q in suffixes],
-             reused_tokens=0, answer_tokens=counts, question_kv_bytes=None, speculate=None, speculate_k=None,
+    with Run(device, plan, chunk, stats, **describe(model), prefix_tokens=len(prefix_ids),
+             question_tokens=[len(q) for q in suffixes], reused_tokens=0, answer_tokens=counts, question_kv_bytes=None, speculate=None, speculate_k=None,
              **SPECULATION_COUNTS) as run:
         cache = run.allocate(model.args, progress, f"; {B} questions of up to {longest} tokens on top")
         run.phase = "prefill"
@@ -392,7 +393,7 @@ def main(argv=None):
     dtype, offload = settings(opts, device)
     # Under torchrun rank 0 reads the files for all: stdin reaches one rank only.
     document, questions = tensor_parallel.from_rank0(lambda: (read_prompt_file(opts), read_questions(opts)))
-    model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype, tp=tp)
+    model, tokenizer = load_model(opts.checkpoint, device=device, dtype=dtype, tp=tp, weights=opts.weights)
     draft = None if opts.draft_checkpoint is None else load_draft_model(opts.draft_checkpoint, tokenizer, device, dtype)
     speculation = dict(speculate="draft" if draft is not None else opts.speculate, speculate_k=opts.speculate_k,
                        draft_model=draft, draft_window=opts.draft_window)

@@ -315,5 +315,5 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return softcap(linear(x, head).float(), self.args.final_softcap)
+        logits = linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+        return softcap(logits.float(), self.args.final_softcap)

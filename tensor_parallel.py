@@ -92,7 +92,14 @@ class TensorParallel:
     def read_shard(self, f, name: str, args: ModelArgs) -> Tensor:
         """This rank's part of tensor `name` of the full model `args`, read from the safetensors file
         `f` (safe_open) without reading the rest."""
-        part, n, r = f.get_slice(name), self.world, self.rank
+        return self.shard(f.get_slice(name), name, args)
+
+    def shard(self, part, name: str, args: ModelArgs) -> Tensor:
+        """This rank's part of `part`, tensor `name` of the full model `args`: a tensor, or a safetensors
+        slice (then only that part is read). A quantized layer's scales and zeros (quantize.py) are split
+        like its weight, except int8's one scale per output channel, which a row-parallel layer keeps whole."""
+        n, r = self.world, self.rank
+        shape = list(part.shape) if isinstance(part, Tensor) else part.get_shape()
 
         def mine(size, offset=0):  # this rank's 1/n of `size` rows (or columns) from `offset` on
             return slice(offset + r * size // n, offset + (r + 1) * size // n)
@@ -100,10 +107,15 @@ class TensorParallel:
         if ".attention.wqkv." in name:  # the rows of the query heads, then the key heads, then the value heads
             q, kv = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
             return torch.cat([part[mine(q)], part[mine(kv, q)], part[mine(kv, q + kv)]])
-        if name.endswith((".attention.wo.weight", ".feed_forward.w2.weight")):  # input columns
-            return part[:, mine(part.get_shape()[1])]
-        if name.endswith((".feed_forward.w1.weight", ".feed_forward.w3.weight")):  # output rows
-            return part[mine(part.get_shape()[0])]
+        if name.endswith((".attention.wo.scales", ".feed_forward.w2.scales")) and len(shape) == 1:
+            return part[:]
+        if name.endswith(tuple(f"{layer}.{p}" for layer in (".attention.wo", ".feed_forward.w2")
+                               for p in ("weight", "scales", "zeros"))):  # input columns
+            if shape[1] % n:  # int4's packed inputs, and their groups, split evenly or not at all
+                raise UsageError(f"{name} has {shape[1]} columns, which {n} tensor-parallel ranks cannot share evenly")
+            return part[:, mine(shape[1])]
+        if ".feed_forward.w1." in name or ".feed_forward.w3." in name:  # output rows
+            return part[mine(shape[0])]
         if name in ("tok_embeddings.weight", "output.weight"):  # rows of the vocabulary, padded to 1/n rounded up
             rows = -(-args.vocab_size // n)
             held = part[min(r * rows, args.vocab_size):min((r + 1) * rows, args.vocab_size)]

@@ -1,7 +1,8 @@
 """One device call, prepared: the environment, the CUDA tests, then the benchmarks by importance, in a budget.
 
     python bench/gpu_session.py --out $OUT                # part 1: about 7 minutes on an H100 / H200
-    python bench/gpu_session.py --out $OUT --part 2       # the rest: prompt cache, many questions, windows, speculation
+    python bench/gpu_session.py --out $OUT --part 2       # the rest: prompt cache, many questions, windows,
+                                                          # speculation, int8/int4 weights
     python bench/gpu_session.py --dry-run --out /tmp/g    # every step on the CPU with tiny shapes, in seconds (CI)
 
 A lent GPU comes for 15 minutes of device time, start-up included, at most 10 per call; a call that
@@ -12,8 +13,9 @@ free memory), tests.json (tests/test_cuda.py with a per-test timeout), then the 
 bench.py: ceilings (pinned H2D/D2H, HBM, SDPA, GEMM), decode with every head streamed at 128K and 256K
 (pcie_util), short-context decode head vs standard (hbm_util), prefill at 32K and 128K against the
 roofline, GPU memory beyond weights, the no-host-sync check, transformers' offloaded cache at 4K/32K.
-Part 2: the prompt cache and many questions at 128K, the sliding-window kernels, and speculative
-decoding's verification pass and draft step at 32K and 128K (bench/speculative.py --gpu).
+Part 2: the prompt cache and many questions at 128K, the sliding-window kernels, speculative
+decoding's verification pass and draft step at 32K and 128K (bench/speculative.py --gpu), and int8 /
+int4 weights: decode at 1K, a 24 GiB cap at 128K, the 70B shape in int8 (bench/quantized.py --gpu).
 """
 import argparse
 import datetime
@@ -260,6 +262,7 @@ def part2(session: Session):
     session.step("many_questions", lambda: script(session, "many_questions", ["--context", context]), need_s=60)
     session.step("window_kernels", lambda: window_kernels(session.dry), need_s=10)
     session.step("speculative", lambda: script(session, "speculative", ["--gpu"]), need_s=60)
+    session.step("quantized", lambda: script(session, "quantized", ["--gpu"]), need_s=90)
 
 
 # --- the closing table -------------------------------------------------------------------------------

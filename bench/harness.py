@@ -5,6 +5,7 @@ pick head groupings that generate() chooses by itself, and start decoding at a d
 """
 import gc
 import math
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -164,6 +165,18 @@ def fill_cache(cache, length: int, seed: int = 0, block: int = 1024, copy_tokens
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_times(fns: dict, reps: int) -> dict:
+    """Each fn's median wall time over `reps` interleaved rounds (after one warm-up round)."""
+    times = {name: [] for name in fns}
+    for rep in range(reps + 1):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def timed(device, fn):

@@ -19,7 +19,6 @@ then the s/token they predict at 128K and 1M for an acceptance rate a (the CPU r
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 import attention
 import model as model_module
-from bench.harness import DRY_ARGS, K, build_model, cpu_model, fill_cache, fmt_tokens
+from bench.harness import DRY_ARGS, K, build_model, cpu_model, fill_cache, fmt_tokens, median_times
 from chat import prompt_text
 from generate import decode, load_model, prefill, speculative_decode
 from model import ModelArgs
@@ -45,18 +44,6 @@ QUESTIONS = {  # kind: the question about the document
     "free-writing": "Forget the text. Write a short story about a lighthouse keeper and a cat.",
 }
 DRAFTERS = [("lookup", 2), ("lookup", 4), ("lookup", 8), ("self", 2), ("self", 4)]
-
-
-def median_times(fns: dict, reps: int) -> dict:
-    """Each fn's median wall time over `reps` interleaved rounds (after one warm-up round)."""
-    times = {name: [] for name in fns}
-    for rep in range(reps + 1):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            if rep:
-                times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 @torch.no_grad()

@@ -113,7 +113,7 @@ def test_many_questions_bench_dry_run(tmp_path):
 
 @pytest.mark.parametrize("part,steps", [
     (1, ["env", "tests", "ceilings", "decode_streamed", "decode_short", "prefill", "memory", "sync", "hf"]),
-    (2, ["env", "prompt_cache", "many_questions", "window_kernels", "speculative"]),
+    (2, ["env", "prompt_cache", "many_questions", "window_kernels", "speculative", "quantized"]),
 ])
 def test_the_gpu_session_dry_run_runs_every_step(part, steps, tmp_path):
     """The one device call (bench/NOTES.md, "Running on a GPU") must not crash on a typo there: every
@@ -136,3 +136,7 @@ def test_the_gpu_session_dry_run_runs_every_step(part, steps, tmp_path):
         assert all(json.loads((tmp_path / f"{s}.json").read_text())["returncode"] == 0 for s in steps[1:3] + steps[4:])
         speculative = json.loads((tmp_path / "speculative.json").read_text())["result"]
         assert {"verify_vs_one", "draft_vs_streamed"} <= set(speculative["gpu"]["rows"][0])
+        quantized = json.loads((tmp_path / "quantized.json").read_text())["result"]["gpu"]
+        float_row, int8_row = quantized["capped_128k"]  # the room int8 frees becomes resident KV
+        assert int8_row["resident_fraction"] > float_row["resident_fraction"]
+        assert quantized["70b_int8"]["s_per_token"] > 0

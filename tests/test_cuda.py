@@ -210,3 +210,43 @@ def test_sliding_windows_and_soft_caps_on_gpu_match_the_cpu():
         assert cache.windows.k.is_cuda and cache.gpu_bytes == plan.gpu_bytes
         got = logits_of(model, cache, tokens.cuda(), 100, 0).cpu()
         assert (got - ref).abs().max().item() <= 1e-4, policy
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_quantized_linears_on_gpu_compute_dequantized_weights_times_input(mode, rows):
+    # tinygemm (int4) and dequantize-and-matmul (int8) in bf16: each dequantized weight and the output
+    # may be rounded to bf16 (2^-8 each), the sums run in fp32: 2^-7 of sum |x w| bounds both.
+    import quantize as Q
+    torch.manual_seed(2)
+    parts = Q.quantize(torch.randn(256, 512), mode)
+    for name in ("scales", "zeros"):
+        if name in parts:
+            parts[name] = parts[name].bfloat16().float()  # as the layer holds them
+    layer = Q.quantized_linear(mode, parts, None, torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(rows, 512, device="cuda").bfloat16()
+    w = Q.dequantize(parts).cuda()
+    want = x.float() @ w.T
+    assert ((layer(x).float() - want).abs() <= 2 ** -7 * (x.float().abs() @ w.abs().T)).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_weights_on_gpu_every_policy_gives_the_standard_caches_tokens(mode, tmp_path):
+    from safetensors.torch import save_file
+
+    from checkpoint import load_model
+    args = ModelArgs(dim=256, n_layer=4, n_head=8, n_kv_head=2, head_dim=32, intermediate_size=512,
+                     vocab_size=1000, max_seq_len=4096)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    args.to_json(tmp_path / "config.json")
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    model, _ = load_model(tmp_path, device="cuda", dtype=torch.bfloat16, weights=mode)
+    prompt = torch.randint(0, args.vocab_size, (1500,)).tolist()
+    ref = generate(model, prompt, 48, offload="none", prefill_chunk=512)
+    assert len(set(ref)) > 2
+    assert generate(model, prompt, 48, offload="layer", prefill_chunk=512) == ref
+    for budget in (0.0005, None):
+        assert generate(model, prompt, 48, offload="head", prefill_chunk=512, gpu_kv_budget=budget) == ref

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,33 @@ def test_sampling_with_one_seed_draws_the_same_tokens_on_every_rank_as_in_one_pr
     # differ in the last bits only, which moves a draw only when it falls that close to a boundary.
     expected = G.generate(alone, W.PROMPT, 24, temperature=1.0, seed=W.SEED)
     assert ranks[0]["sampled"] == expected and len(set(expected)) > 10
+
+
+@pytest.fixture(scope="module")
+def quantized_ckpts(tmp_path_factory):
+    """A float checkpoint whose every linear takes int4 groups of 32 on each of 2 ranks (dim 64, MLP 128,
+    4 query heads of 16), and its int4 copy converted with --quantize."""
+    from tests.test_quantize import ARGS
+    tmp = tmp_path_factory.mktemp("quantized")
+    float_ckpt = write_checkpoint(tmp / "float", replace(ARGS, vocab_size=101))
+    return float_ckpt, convert(float_ckpt, tmp / "int4", quantize="int4")
+
+
+@pytest.mark.parametrize("weights", ["int8", "stored int4"])
+def test_quantized_weights_shard_into_the_one_process_model(quantized_ckpts, weights, tmp_path):
+    # int8 is quantized whole as it loads, then split: a row-parallel layer's ranks share each output
+    # channel's one scale, so the group's model is one process's, and the logits agree to the
+    # all-reduces' rounding as for float weights. A stored int4 checkpoint's scales and zeros are split
+    # with their groups' columns.
+    ckpt = quantized_ckpts[0] if weights == "int8" else quantized_ckpts[1]
+    mode = "int8" if weights == "int8" else None
+    r = torchrun(2, "tests/tp_worker.py", ckpt, tmp_path, mode or "stored")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    alone = G.load_model(ckpt, weights=mode)[0]
+    for policy in ("none", "head"):
+        assert_one_process_logits(got[f"logits {policy}"], W.logits_of(alone, policy, 16))
+        assert got[f"tokens {policy}"] == G.generate(alone, W.PROMPT, 24, offload=policy, prefill_chunk=16)
 
 
 def test_a_shard_is_the_full_tensor_cut_by_heads_rows_and_columns(ckpt):

@@ -2,6 +2,10 @@
 gloo): it runs every policy and chunking on its shard and saves what it computed to OUT/rank{r}.pt.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py CKPT OUT
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py CKPT OUT WEIGHTS
+
+With WEIGHTS (int8, int4, or "stored" for a quantized checkpoint's own), the quantized model's logits
+and greedy tokens of two policies only.
 """
 import sys
 from pathlib import Path
@@ -40,6 +44,17 @@ def collectives_of_a_decode_step(model):
     return sizes
 
 
+def quantized(ckpt, out, weights):
+    tp = tensor_parallel.init(torch.device("cpu"))
+    model, _ = load_model(ckpt, tp=tp, weights=None if weights == "stored" else weights)
+    results = {}
+    for policy in ("none", "head"):
+        results[f"logits {policy}"] = logits_of(model, policy, 16)
+        results[f"tokens {policy}"] = generate(model, PROMPT, 24, offload=policy, prefill_chunk=16)
+    torch.save(results, Path(out) / f"rank{tp.rank}.pt")
+    tensor_parallel.leave()
+
+
 def main(ckpt, out):
     tp = tensor_parallel.init(torch.device("cpu"))
     model, _ = load_model(ckpt, tp=tp)
@@ -59,4 +74,4 @@ def main(ckpt, out):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(*sys.argv[1:]) if len(sys.argv) == 3 else quantized(*sys.argv[1:])
