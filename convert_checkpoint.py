@@ -204,10 +204,8 @@ def open_hf_dir(path: Path) -> Source:
                 f = safe_open(shard, framework="pt")
             except Exception as e:  # safetensors raises its own error types for truncated/garbled files
                 raise ConversionError(f"{shard} is not a valid safetensors file: {e}") from None
-            for name in f.keys():
-                s = f.get_slice(name)
-                meta[name] = (tuple(s.get_shape()), SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
-                loaders[name] = f
+            meta |= safetensors_meta(f)
+            loaders |= dict.fromkeys(f.keys(), f)
         load = lambda name: loaders[name].get_tensor(name)
     else:
         state = {}
@@ -224,14 +222,24 @@ def open_hf_dir(path: Path) -> Source:
     ignore = {name for name in meta if name.endswith("rotary_emb.inv_freq")}  # old checkpoints saved a buffer
     if config["tie_word_embeddings"]:
         ignore.add("lm_head.weight")  # some checkpoints store the tied copy anyway
+    names = HF_GEMMA2_NAMES if config.get("sandwich_norm") else HF_NAMES
+    return Source(config, names, meta, load, ignore, tokenizer_files_of(path))
 
+
+def safetensors_meta(f) -> dict:
+    """Each tensor of a safetensors file (safe_open) -> (shape, torch dtype or safetensors type name)."""
+    slices = {name: f.get_slice(name) for name in f.keys()}
+    return {name: (tuple(s.get_shape()), SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+            for name, s in slices.items()}
+
+
+def tokenizer_files_of(path: Path) -> Callable[[Path], None]:
+    """A Source's write_tokenizer for a dir that holds tokenizer files as HF ships them: copies them."""
     def write_tokenizer(out: Path):
         for name in TOKENIZER_FILES:
             if (path / name).is_file():
                 shutil.copy(path / name, out / name)
-
-    names = HF_GEMMA2_NAMES if config.get("sandwich_norm") else HF_NAMES
-    return Source(config, names, meta, load, ignore, write_tokenizer)
+    return write_tokenizer
 
 
 def download(repo_id: str) -> Path:
@@ -414,21 +422,11 @@ def open_converted(path: Path) -> Source:
     if stored is not None:
         raise ConversionError(f"{path} is already quantized ({stored[0]} weights); it loads as such, and "
                               f"requantizing rounded weights would round them twice: give the original", ("quantize",))
-    meta = {}
-    for name in f.keys():
-        s = f.get_slice(name)
-        meta[name] = (tuple(s.get_shape()), SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
     with torch.device("meta"):  # our names map to themselves, wqkv stored fused
         templates = {re.sub(r"layers\.\d+\.", "layers.{}.", k): [re.sub(r"layers\.\d+\.", "layers.{}.", k)]
                      for k in Transformer(args).state_dict()}
-
-    def write_tokenizer(out: Path):
-        for name in TOKENIZER_FILES:
-            if (path / name).is_file():
-                shutil.copy(path / name, out / name)
-
-    return Source(json.loads((path / "config.json").read_text()), templates, meta, f.get_tensor, set(),
-                  write_tokenizer)
+    return Source(json.loads((path / "config.json").read_text()), templates, safetensors_meta(f), f.get_tensor,
+                  set(), tokenizer_files_of(path))
 
 
 # ---------------------------------------------------------------- writing our checkpoint
@@ -527,12 +525,10 @@ def src_part(src: Source, name: str, mode: str, group_size: int) -> dict:
 
 def check_int4_shapes(config: dict, mode: str, group_size: int):
     """int4 groups must tile every quantized layer's inputs (the kernels' other constraints are checked at load)."""
-    model = _meta_model(config)
-    for name in quant.quantized_layers(model) if mode == "int4" else ():
-        out, n_in = model.get_submodule(name).weight.shape
-        if n_in % group_size:
-            raise ConversionError(f"{name} has {n_in} inputs, not whole groups of {group_size}: choose another "
-                                  f"--group-size, or int8", ("group_size",))
+    if mode == "int4" and (bad := quant.untiled_layer(_meta_model(config), group_size)):
+        name, _, n_in = bad
+        raise ConversionError(f"{name} has {n_in} inputs, not whole groups of {group_size}: choose another "
+                              f"--group-size, or int8", ("group_size",))
 
 
 def _meta_model(config: dict) -> Transformer:

@@ -197,14 +197,22 @@ def check_checkpoint(weights: str | None, stored: tuple | None, model: nn.Module
                          f"--quantize {weights}, or leave weights out", ("weights",))
     mode, group = (weights, GROUP_SIZE) if stored is None else stored
     check_mode(mode, device, dtype)
-    if mode == "int4":
-        rows = 16 if int4_kernel(device, dtype) == "cpu" else 8  # the kernels' tiles of output channels
-        for name in quantized_layers(model):
-            out, n_in = model.get_submodule(name).weight.shape
-            if n_in % group or out % rows or (device.type == "cuda" and n_in % 32):
-                raise UsageError(f"{name} has {out} outputs and {n_in} inputs; int4 weights need inputs in whole "
-                                 f"groups of {group} and outputs in multiples of {rows}: use int8", ("weights",))
+    rows = 16 if int4_kernel(device, dtype) == "cpu" else 8  # the kernels' tiles of output channels
+    if mode == "int4" and (bad := untiled_layer(model, group, rows)):
+        raise UsageError(f"{bad[0]} has {bad[1]} outputs and {bad[2]} inputs; int4 weights need inputs in whole "
+                         f"groups of {group} and outputs in multiples of {rows}: use int8", ("weights",))
     return mode, group
+
+
+def untiled_layer(model: nn.Module, group_size: int, rows: int = 1) -> tuple[str, int, int] | None:
+    """The first quantized layer of `model` (meta) whose inputs are not whole int4 groups, or whose outputs
+    are not whole tiles of `rows`, as (name, outputs, inputs); None when every layer fits. (Groups are
+    32 inputs or more, which also makes whole tiles of tinygemm's 32 inputs.)"""
+    for name in quantized_layers(model):
+        out, n_in = model.get_submodule(name).weight.shape
+        if n_in % group_size or out % rows:
+            return name, out, n_in
+    return None
 
 
 def stored_shapes(model: nn.Module, stored: tuple | None) -> dict[str, list[int]]:

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path[0] = str(ROOT)
 import torch
 
 import quantize as Q
-from bench.harness import DRY_ARGS, K, build_model, context_run, cpu_model, median_times, release
+from bench.harness import DRY_ARGS, K, build_model, context_run, cpu_model, median_times, release, timed
 from generate import decode, generate, load_model, prefill
 from model import ModelArgs, Transformer, rope_inv_freq
 from offload import StandardCache
@@ -103,18 +102,19 @@ def speed(model, ids: list[int], new_tokens: int, reps: int, compile: bool) -> d
 def cpu_rows(dry: bool, reps: int, new_tokens: int, compile: bool) -> dict:
     if dry:  # a random tiny model, quantized where it lies; random tokens for text
         ids = torch.randint(0, DRY_ARGS.vocab_size, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+        tokenizer = None
         load = lambda dtype, weights, head=False: (quantize_in_place(build_model(DRY_ARGS, "cpu", dtype), weights, head)
-                                                   if weights else build_model(DRY_ARGS, "cpu", dtype), None)
+                                                   if weights else build_model(DRY_ARGS, "cpu", dtype))
     else:
+        tokenizer = load_model(None)[1]
+        ids = tokenizer.encode((ROOT / "bench" / "execmodel.txt").read_text())
         load = lambda dtype, weights, head=False: (quantize_in_place(load_model(None, dtype=dtype)[0], weights, head)
-                                                   if head else load_model(None, dtype=dtype, weights=weights)[0],
-                                                   load_model(None)[1])
-        ids = load(torch.float32, None)[1].encode((ROOT / "bench" / "execmodel.txt").read_text())
-    reference = all_logits(load(torch.float32, None)[0], ids)
+                                                   if head else load_model(None, dtype=dtype, weights=weights)[0])
+    reference = all_logits(load(torch.float32, None), ids)
     rows = []
     for dtype_name, weights in CONFIGS + [("float32", "int8 with the output layer")]:
         dtype, head = DTYPES[dtype_name], weights == "int8 with the output layer"
-        model, tokenizer = load(dtype, "int8" if head else weights, head)
+        model = load(dtype, "int8" if head else weights, head)
         described = Q.describe(model)
         row = dict(dtype=dtype_name, weights=weights or dtype_name, weights_bytes=described["weights_bytes"],
                    embedding_bytes=model.tok_embeddings.weight.nbytes, **quality(reference, all_logits(model, ids)))
@@ -168,13 +168,7 @@ def decode_speed(model, context: int, steps: int, compile: bool) -> float:
     run = lambda n: [None for _ in decode(model, cache, logits, n, compile=compile)]
     run(4)  # warm-up (and compilation)
     cache.truncate(context)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    run(steps)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t)
+    return steps / timed(dev, lambda: run(steps))[1]
 
 
 def capped_plan(model, context: int, cap: int):
