@@ -14,7 +14,6 @@ import json
 import statistics
 import sys
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -23,7 +22,7 @@ if __name__ == "__main__":
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from bench.harness import cpu_model, timed
+from bench.harness import machine, timed
 from model import ModelArgs
 from attention import attention
 
@@ -79,8 +78,7 @@ def main():
               f"{row['flex_eager_softcap_ms']:8.2f} ms ({row['flex_over_ours']:.2f}x ours); "
               f"max |flex - ours| {row['max_abs_diff_flex_ours']:.1e}", flush=True)
     out = ROOT / "bench" / "results" / "attention-variants-cpu.json"
-    out.write_text(json.dumps({"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out.write_text(json.dumps({**machine(),
                                "shapes": "Gemma-2-9B: 16 query / 8 KV heads of 256, fp32, soft cap 50",
                                "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -12,7 +12,6 @@ import json
 import statistics
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import the repo's modules and the bench package
@@ -20,7 +19,7 @@ if __name__ == "__main__":  # run as a script: import the repo's modules and the
 
 import torch
 
-from bench.harness import cpu_model
+from bench.harness import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 STORY = ["--chat", "--prompt", "Tell me a long story about a dragon who learns to sing.", "--max-new-tokens", "200"]
@@ -77,10 +76,8 @@ def main():
     for name, value in ratios.items():
         print(f"{name:34s} {value:.2f}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "cpu": cpu_model(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "repeats": opts.repeats,
-              "rows": rows, "ratios": ratios}
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", **machine(),
+              "repeats": opts.repeats, "rows": rows, "ratios": ratios}
     path = out / f"cli-decode-{device}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

@@ -12,7 +12,6 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -22,7 +21,7 @@ import torch
 
 import attention
 import offload
-from bench.harness import cpu_model
+from bench.harness import machine
 from generate import load_model, prefill
 from offload import StandardCache
 
@@ -68,9 +67,8 @@ def main():
         print(f"context {context:6d}: per KV head {median['per_kv_head']:6.1f} tok/s, all heads "
               f"{median['all_heads']:6.1f} tok/s (medians of {opts.repeats}), ratio {rows[-1]['ratio']:.2f}", flush=True)
     out = ROOT / "bench" / "results" / "cpu-attention.json"
-    out.write_text(json.dumps({"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "model": "SmolLM2-135M-Instruct fp32, standard cache", "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({**machine(), "model": "SmolLM2-135M-Instruct fp32, standard cache", "rows": rows},
+                              indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -3,12 +3,14 @@
 Timed runs call the model and the caches directly (the loop generate.py runs), so that a section can
 pick head groupings that generate() chooses by itself, and start decoding at a depth it never filled.
 """
+import argparse
 import gc
 import math
 import statistics
 import sys
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 
 import torch
 
@@ -65,6 +67,29 @@ def cpu_model() -> str:
         import platform
         name = platform.processor() or "unknown"
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def machine() -> dict:
+    """What every result file records first: the CPU and its kernels, the threads, torch, and when (UTC)."""
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def parts_parser(doc: str, gpu_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark with a CPU part (the default) and a GPU part (--gpu); parse with parse_parts."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    p.add_argument("--gpu", action="store_true", help=gpu_help)
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: every path in seconds (CI)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repeats per configuration (default 3)")
+    return p
+
+
+def parse_parts(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    opts = p.parse_args(argv)
+    if opts.gpu and not opts.dry_run and not torch.cuda.is_available():
+        sys.exit("error: --gpu needs a CUDA GPU; --dry-run runs its paths on the CPU")
+    return opts
 
 
 # --- model -----------------------------------------------------------------------------------------

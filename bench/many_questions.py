@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from time import perf_counter
 
@@ -29,7 +28,7 @@ if __name__ == "__main__":  # run as a script: import the repo's modules and the
 import torch
 
 from bench.bench import best_time
-from bench.harness import DRY_ARGS, build_model, cpu_model, fmt_tokens, parse_tokens, sync
+from bench.harness import DRY_ARGS, build_model, fmt_tokens, machine, parse_tokens, sync
 from bench.prompt_cache import DOCUMENT
 from chat import prompt_text
 from generate import decode, decode_many, load_model, prefill, prefill_questions
@@ -131,9 +130,7 @@ def main(argv=None):
     opts = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not opts.dry_run
     device = torch.device("cuda" if cuda else "cpu")
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cpu": cpu_model(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", **machine()}
     random_ids = lambda n, seed: torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
     if opts.dry_run:
         model = build_model(DRY_ARGS, "cpu", torch.float32)

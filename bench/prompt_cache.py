@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from time import perf_counter
 
@@ -28,7 +27,7 @@ if __name__ == "__main__":  # run as a script: import the repo's modules and the
 
 import torch
 
-from bench.harness import DRY_ARGS, build_model, cpu_model, fmt_tokens, parse_tokens
+from bench.harness import DRY_ARGS, build_model, fmt_tokens, machine, parse_tokens
 from generate import load_model, prefill
 from model import ModelArgs
 from planner import make_cache, plan_cache
@@ -128,9 +127,7 @@ def main(argv=None):
     opts = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not opts.dry_run
     device = "cuda" if cuda else "cpu"
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cpu": cpu_model(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", **machine()}
     with tempfile.TemporaryDirectory(dir=opts.workdir) as tmp:
         workdir = Path(tmp)
         if opts.dry_run:

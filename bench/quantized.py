@@ -18,8 +18,6 @@ GPU part (random weights): Llama-3-8B shape, decode tok/s at 1K tokens with bf16
 fraction and s/token with bf16 and int8 weights; Llama-3-70B shape in int8 on one GPU with head offload
 at 32K: does it load and decode, and its GPU memory beyond the weights.
 """
-import argparse
-import datetime
 import json
 import sys
 from dataclasses import replace
@@ -31,7 +29,8 @@ sys.path[0] = str(ROOT)
 import torch
 
 import quantize as Q
-from bench.harness import DRY_ARGS, K, build_model, context_run, cpu_model, median_times, release, timed
+from bench.harness import (DRY_ARGS, K, build_model, context_run, machine, median_times, parse_parts, parts_parser,
+                           release, timed)
 from generate import decode, generate, load_model, prefill
 from model import ModelArgs, Transformer, rope_inv_freq
 from offload import StandardCache
@@ -233,24 +232,17 @@ def gpu_rows(dry: bool, compile: bool) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="the JSON file to write")
-    p.add_argument("--gpu", action="store_true", help="the GPU part (Llama-3-8B and -70B shapes, random weights)")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: every path in seconds (CI)")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repeats per configuration (default 3)")
+    p = parts_parser(__doc__, "the GPU part (Llama-3-8B and -70B shapes, random weights)")
     p.add_argument("--new-tokens", type=int, default=48, help="decoded tokens per repeat (default 48)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled decode (minutes on a CPU)")
-    return p.parse_args(argv)
+    return parse_parts(p, argv)
 
 
 def main(argv=None):
     opts = parse_args(argv)
-    out = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, cpu=cpu_model(),
-               threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+    out = machine()
     compile = not opts.no_compile and not opts.dry_run
     if opts.gpu or opts.dry_run:
-        if not opts.dry_run and not torch.cuda.is_available():
-            sys.exit("error: --gpu needs a CUDA GPU; --dry-run runs its paths on the CPU")
         out["gpu"] = gpu_rows(opts.dry_run, compile)
         Path(opts.out).write_text(json.dumps(out, indent=1) + "\n")
     if not opts.gpu:

@@ -12,13 +12,12 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.harness import cpu_model  # noqa: E402
+from bench.harness import machine  # noqa: E402
 from checkpoint import resolve_device  # noqa: E402
 from generate import generate, load_model  # noqa: E402
 
@@ -69,8 +68,7 @@ def main():
                    if len(after) > 1 and device.type == "cuda" else None)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **machine(),
         "offload": opts.offload, "prompt_tokens": len(prompt), "new_tokens": steps,
         "decode_tok_s": stats["decode_tok_s"], "warmup_steps": opts.warmup,
         "rss_growth_after_warmup_bytes": rss_growth, "cuda_growth_after_warmup_bytes": cuda_growth,

@@ -16,8 +16,6 @@ GPU part: Llama-3-8B's shape with random bf16 weights, head offload with nothing
 128K: a verification pass of 8 tokens and a `self` draft step, each against a 1-token streamed step;
 then the s/token they predict at 128K and 1M for an acceptance rate a (the CPU run's, and MagicDec's 0.8).
 """
-import argparse
-import datetime
 import json
 import sys
 import time
@@ -30,7 +28,8 @@ import torch
 
 import attention
 import model as model_module
-from bench.harness import DRY_ARGS, K, build_model, cpu_model, fill_cache, fmt_tokens, median_times
+from bench.harness import (DRY_ARGS, K, build_model, fill_cache, fmt_tokens, machine, median_times, parse_parts,
+                           parts_parser)
 from chat import prompt_text
 from generate import decode, load_model, prefill, speculative_decode
 from model import ModelArgs
@@ -177,30 +176,23 @@ def gpu_rows(dry: bool, contexts, acceptance: list[float], k: int = 7) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="the JSON file to write")
-    p.add_argument("--gpu", action="store_true", help="the GPU part (Llama-3-8B shape, head offload, 32K and 128K)")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: every path in seconds (CI)")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repeats per configuration (default 3)")
+    p = parts_parser(__doc__, "the GPU part (Llama-3-8B shape, head offload, 32K and 128K)")
     p.add_argument("--new-tokens", type=int, default=96, help="most tokens per answer (default 96)")
     p.add_argument("--acceptance", type=float, default=None,
                    help="the GPU part's predictions also for this acceptance rate (e.g. the CPU run's self rate)")
-    return p.parse_args(argv)
+    return parse_parts(p, argv)
 
 
 def main(argv=None):
     opts = parse_args(argv)
-    out = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, cpu=cpu_model(),
-               threads=torch.get_num_threads())
+    out = machine()
     if opts.gpu or opts.dry_run:
-        if not opts.dry_run and not torch.cuda.is_available():
-            sys.exit("error: --gpu needs a CUDA GPU; --dry-run runs its paths on the CPU")
         contexts = [256, 512] if opts.dry_run else [32 * K, 128 * K]
         out["gpu"] = gpu_rows(opts.dry_run, contexts, [a for a in (opts.acceptance, 0.8) if a is not None])
     if not opts.gpu:
         if opts.dry_run:
-            model, tokenizer, document, drafters = build_model(DRY_ARGS, "cpu", torch.float32), None, None, DRAFTERS[:1]
-            out["pass"] = pass_cost(model, list(range(200)), "head", reps=1, Ts=(1, 5))
+            out["pass"] = pass_cost(build_model(DRY_ARGS, "cpu", torch.float32), list(range(200)), "head", reps=1,
+                                    Ts=(1, 5))
         else:
             model, tokenizer = load_model(None)
             document = (ROOT / "bench" / "execmodel.txt").read_text()
